@@ -1,0 +1,266 @@
+"""The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), one request at a time.
+
+`Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
+them. `model.generate` runs in a worker thread and hands each token over a queue; a stopping
+criterion checked at every step ends it as soon as the consumer stops (stop sequence, cancel,
+error), so the GPU goes idle within a token or two, not at max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from notus.prompt import ChatPrompt, load_tokenizer
+from notus.stream import TextStream
+
+log = logging.getLogger("notus")
+
+MAX_NEW_TOKENS_LIMIT = 32768
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings, with the meaning the Cog inputs document."""
+
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 50  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    stop_sequences: tuple[str, ...] = ()
+    seed: int | None = None  # None = pick one (and log it)
+
+    def validate(self) -> None:
+        """Clear errors naming the limit and the value (the HTTP schema checks most of these too)."""
+        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+        _check(0 <= self.min_new_tokens <= MAX_NEW_TOKENS_LIMIT, f"min_new_tokens must be between 0 and {MAX_NEW_TOKENS_LIMIT}, got {self.min_new_tokens}")
+        _check(self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        _check(0 <= self.temperature <= 5, f"temperature must be between 0 and 5, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be above 0 and at most 1, got {self.top_p}")
+        _check(self.top_k >= 0, f"top_k must be 0 (off) or more, got {self.top_k}")
+        _check(self.repetition_penalty > 0, f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class GenerationStats:
+    """What one prediction reports as metrics."""
+
+    seed: int | None = None
+    input_token_count: int = 0
+    output_token_count: int = 0
+    time_to_first_token: float | None = None
+    tokens_per_second: float | None = None
+    _start: float = field(default_factory=time.perf_counter, repr=False)
+    _first: float | None = field(default=None, repr=False)
+
+    def token_arrived(self) -> None:
+        now = time.perf_counter()
+        self.output_token_count += 1
+        if self._first is None:
+            self._first = now
+            self.time_to_first_token = now - self._start
+        # Decode speed: tokens after the first over the time since the first.
+        elif now > self._first:
+            self.tokens_per_second = (self.output_token_count - 1) / (now - self._first)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "input_token_count": self.input_token_count,
+            "output_token_count": self.output_token_count,
+        }
+        if self.time_to_first_token is not None:
+            out["time_to_first_token"] = self.time_to_first_token
+            out["tokens_per_second"] = self.tokens_per_second or (
+                self.output_token_count / self.time_to_first_token if self.time_to_first_token else 0.0
+            )
+        return out
+
+
+class Engine:
+    def __init__(self, model, prompt: ChatPrompt):
+        self.model = model
+        self.prompt = prompt
+        self.tokenizer = prompt.tokenizer
+        self.device = model.device
+        # The longest sequence the model takes: prompt plus new tokens.
+        self.context_length = model.config.max_position_embeddings
+
+    @classmethod
+    def load(cls, weights_dir: str | Path, device: str | None = None) -> "Engine":
+        """Tokenizer and weights from `weights_dir`; bf16 on the GPU, float32 on the CPU."""
+        weights_dir = Path(weights_dir)
+        t0 = time.perf_counter()
+        tokenizer, frame = load_tokenizer(weights_dir)
+        prompt = ChatPrompt(tokenizer, frame)
+        log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map=device)
+        model.eval()
+        log.info("weights loaded in %.2f s (%s, %s)", time.perf_counter() - t0, device, dtype)
+        return cls(model, prompt)
+
+    def warm_up(self) -> None:
+        """One short generation so the first real request pays no one-time costs."""
+        t0 = time.perf_counter()
+        for _ in self.stream("", "Hello", SamplingParams(max_new_tokens=4, min_new_tokens=4, seed=0)):
+            pass
+        log.info("warm-up done in %.2f s", time.perf_counter() - t0)
+
+    def stream(
+        self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
+    ) -> Iterator[str]:
+        """Text chunks of the reply, as soon as each is complete. Fills `stats` as it goes."""
+        stats = stats if stats is not None else GenerationStats()
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        params.validate()
+        input_ids = self.prompt.ids(system_prompt, prompt)
+        stats.input_token_count = len(input_ids)
+        params = self._fit_context(len(input_ids), params)
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        stats.seed = seed
+        log.info("seed: %d", seed)
+
+        text = TextStream(self.tokenizer, list(params.stop_sequences))
+        token_ids = self._generate_ids(input_ids, params, seed)
+        try:
+            for token_id in token_ids:
+                stats.token_arrived()
+                chunk = text.push(token_id)
+                if chunk:
+                    yield chunk
+                if text.stopped:
+                    return
+            tail = text.finish()
+            if tail:
+                yield tail
+        finally:
+            token_ids.close()  # stops the model now, also when the caller stops reading
+
+    def _fit_context(self, prompt_tokens: int, params: SamplingParams) -> SamplingParams:
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise ValueError(
+                f"The prompt is {prompt_tokens:,} tokens (system prompt and chat template included); "
+                f"notus-7b-v1 takes at most {self.context_length:,} tokens in all, so the prompt can be "
+                f"at most {self.context_length - 1:,} tokens. Shorten the prompt."
+            )
+        if params.max_new_tokens <= room:
+            return params
+        log.info(
+            "max_new_tokens lowered from %d to %d: the prompt is %d tokens and the context holds %d",
+            params.max_new_tokens, room, prompt_tokens, self.context_length,
+        )
+        return SamplingParams(**{
+            **params.__dict__,
+            "max_new_tokens": room,
+            "min_new_tokens": min(params.min_new_tokens, room),
+        })
+
+    def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        sample = params.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=params.top_k if sample else None,
+            repetition_penalty=params.repetition_penalty,
+            bos_token_id=self.prompt.bos_id,
+            eos_token_id=self.prompt.eos_id,
+            pad_token_id=self.prompt.eos_id,
+            use_cache=True,  # notus's config.json says false (a training setting)
+        )
+
+    def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+        """Token ids as the model makes them; leaving the loop early stops the model."""
+        tokens: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                torch.manual_seed(seed)  # CPU and every GPU: sampling is repeatable per seed
+                with torch.inference_mode():
+                    self.model.generate(
+                        torch.tensor([input_ids], device=self.device),
+                        attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+                        generation_config=self.generation_config(params),
+                        streamer=_QueueStreamer(tokens),
+                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                    )
+            except BaseException as e:  # handed to the consumer, raised there
+                failure.append(e)
+            finally:
+                tokens.put(None)
+
+        worker = threading.Thread(target=work, name="notus-generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    # A short timeout keeps this thread in Python often, so a cancellation
+                    # raised here by Cog is seen at once.
+                    token = tokens.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if token is None:
+                    break
+                yield token
+            if failure:
+                raise failure[0]
+        finally:
+            stop.set()
+            worker.join()
+
+
+class _QueueStreamer(BaseStreamer):
+    """generate()'s streamer hook: new token ids onto a queue (the first call is the prompt)."""
+
+    def __init__(self, tokens: queue.Queue):
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.tokens.put(token_id)
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next step once the consumer has gone (stop sequence, cancel)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,176 @@
+"""Writes .cog/openapi_schema.json for a predictor, as `cog build` would.
+
+The Cog HTTP server validates inputs (422 with the reason) and allows SSE streaming only when this
+file exists; `cog build` writes it with Go code we cannot run without Docker. This mirrors that
+code's output (cog's pkg/schema/openapi_spec.go) from cog's own inspection of the predictor, so
+`scripts/serve` behaves like the built image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+_NONE = object()
+
+
+def title_case(name: str) -> str:
+    return " ".join(word.capitalize() for word in name.split("_"))
+
+
+def _number(value: float) -> int | float:
+    # Go writes float64(1) as 1: keep integral bounds integral.
+    return int(value) if float(value).is_integer() else value
+
+
+def input_schema(info) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, field in sorted(info.inputs.items(), key=lambda item: item[1].order):
+        prop: dict[str, Any] = {"x-order": field.order, "title": title_case(name)}
+        prop.update(field.type.json_type())
+        nullable = field.type.repetition.name in ("OPTIONAL", "OPTIONAL_REPEATED")
+        has_default = field.default is not None or nullable
+        if not has_default and field.type.repetition.name in ("REQUIRED", "REPEATED"):
+            required.append(name)
+        if field.default is not None:
+            prop["default"] = field.default
+        if nullable:
+            prop["nullable"] = True
+        if field.description is not None:
+            prop["description"] = field.description
+        if field.ge is not None:
+            prop["minimum"] = _number(field.ge)
+        if field.le is not None:
+            prop["maximum"] = _number(field.le)
+        if field.min_length is not None:
+            prop["minLength"] = field.min_length
+        if field.max_length is not None:
+            prop["maxLength"] = field.max_length
+        if field.regex is not None:
+            prop["pattern"] = field.regex
+        if field.choices:
+            raise NotImplementedError("choices are not used by this predictor")
+        properties[name] = prop
+    schema: dict[str, Any] = {"title": "Input", "type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dict[str, Any]:
+    from cog import _inspector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # BasePredictor/predict() are still served
+        info = _inspector.create_predictor(module, predictor)
+    output = info.output.json_type()
+    streaming = output.get("x-cog-array-type") == "iterator"
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    json_body = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
+    ok = {"description": "Successful Response", "content": json_body({})}
+    invalid = {"description": "Validation Error", "content": json_body(ref("HTTPValidationError"))}
+    predict_op: dict[str, Any] = {
+        "summary": "Predict",
+        "description": "Run a single prediction on the model",
+        "operationId": "predict_predictions_post",
+        "requestBody": {"content": json_body(ref("PredictionRequest"))},
+        "responses": {
+            "200": {"description": "Successful Response", "content": json_body(ref("PredictionResponse"))},
+            "422": invalid,
+        },
+    }
+    if streaming:
+        predict_op["x-cog-streaming"] = True
+    string = lambda title, **kw: {"title": title, "type": "string", **kw}  # noqa: E731
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": {
+            "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": ok}}},
+            "/health-check": {
+                "get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": {"200": ok}}
+            },
+            "/predictions": {"post": predict_op},
+            "/predictions/{prediction_id}/cancel": {
+                "post": {
+                    "summary": "Cancel",
+                    "operationId": "cancel_predictions__prediction_id__cancel_post",
+                    "parameters": [
+                        {"required": True, "schema": string("Prediction Id"), "name": "prediction_id", "in": "path"}
+                    ],
+                    "responses": {"200": ok, "422": invalid},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Input": input_schema(info),
+                "Output": output,
+                "PredictionRequest": {
+                    "title": "PredictionRequest",
+                    "type": "object",
+                    "properties": {"id": string("Id"), "input": ref("Input")},
+                },
+                "PredictionResponse": {
+                    "title": "PredictionResponse",
+                    "type": "object",
+                    "properties": {
+                        "input": ref("Input"),
+                        "output": ref("Output"),
+                        "id": string("Id"),
+                        "version": string("Version"),
+                        "created_at": string("Created At", format="date-time"),
+                        "started_at": string("Started At", format="date-time"),
+                        "completed_at": string("Completed At", format="date-time"),
+                        "status": string("Status"),
+                        "error": string("Error"),
+                        "logs": string("Logs"),
+                        "metrics": {"title": "Metrics", "type": "object"},
+                    },
+                },
+                "Status": {
+                    "title": "Status",
+                    "description": "An enumeration.",
+                    "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+                    "type": "string",
+                },
+                "HTTPValidationError": {
+                    "title": "HTTPValidationError",
+                    "type": "object",
+                    "properties": {"detail": {"title": "Detail", "type": "array", "items": ref("ValidationError")}},
+                },
+                "ValidationError": {
+                    "title": "ValidationError",
+                    "required": ["loc", "msg", "type"],
+                    "type": "object",
+                    "properties": {
+                        "loc": {
+                            "title": "Location",
+                            "type": "array",
+                            "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                        },
+                        "msg": {"title": "Message", "type": "string"},
+                        "type": {"title": "Error Type", "type": "string"},
+                    },
+                },
+            }
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write .cog/openapi_schema.json as `cog build` would.")
+    parser.add_argument("--out", default=".cog/openapi_schema.json")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(openapi_schema(), indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
