@@ -30,6 +30,9 @@ class Predictor(BasePredictor):
         self.engine = Engine.load(weights_dir)
         self.engine.warm_up()
         log.info("setup done in %.2f s", time.perf_counter() - t0)
+        # Cog reads our stdout on another thread and closes the setup logs when setup returns:
+        # a moment's pause keeps these last lines in them (seen missing without it).
+        time.sleep(0.3)
 
     def predict(
         self,

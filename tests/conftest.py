@@ -40,7 +40,7 @@ def sp() -> sentencepiece.SentencePieceProcessor:
 class Server:
     """The real Cog HTTP server, started by scripts/serve as a user would."""
 
-    def __init__(self, weights: Path, log_path: Path):
+    def __init__(self, weights: Path, log_path: Path, wait_ready: bool = True):
         env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "COG_WEIGHTS": str(weights), "PYTHON": sys.executable}
         self.log_path = log_path
         self._log = open(log_path, "w")
@@ -49,7 +49,8 @@ class Server:
             start_new_session=True,
         )
         self.url = f"http://127.0.0.1:{self._wait_for_port()}"
-        self.wait_ready()
+        if wait_ready:
+            self.wait_ready()
 
     def _wait_for_port(self, timeout: float = 120) -> int:
         deadline = time.monotonic() + timeout
@@ -64,14 +65,24 @@ class Server:
     def health(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=5).json()
 
-    def wait_ready(self, timeout: float = 120) -> dict:
+    def wait_setup(self, timeout: float = 120) -> dict:
+        """Health once setup has ended, in success or failure."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             health = self.health()
+            if health["status"] != "STARTING":
+                return health
+            time.sleep(0.2)
+        raise TimeoutError(self.health())
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.wait_setup(timeout)
             if health["status"] == "READY":
                 return health
-            assert health["status"] in ("STARTING", "BUSY"), health
-            time.sleep(0.2)
+            assert health["status"] == "BUSY", health
+            time.sleep(0.1)
         raise TimeoutError(self.health())
 
     def predict(self, timeout: float = 120, headers: dict | None = None, **inputs) -> requests.Response:

@@ -160,3 +160,14 @@ def test_leaving_the_stream_stops_the_model(engine):
     assert not [t for t in threading.enumerate() if t.name == "notus-generate"]
     text, _ = reply(engine, seed=1, max_new_tokens=5)  # and the next request runs normally
     assert text
+
+
+def test_require_weights_names_what_is_missing_and_the_fix(tmp_path, tiny_weights):
+    from notus.weights import require_weights
+
+    assert require_weights(tiny_weights) == tiny_weights
+    with pytest.raises(FileNotFoundError) as error:
+        require_weights(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message and "config.json" in message and "safetensors" in message
+    assert "python scripts/download_weights.py" in message and "COG_WEIGHTS" in message

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import Server
 from notus.engine import SamplingParams
 
 
@@ -18,7 +19,7 @@ def test_health_is_ready_and_setup_logs_its_phases(server):
     health = server.health()
     assert health["status"] == "READY"
     logs = health["setup"]["logs"]
-    for phase in ("tokenizer loaded in", "weights loaded in"):
+    for phase in ("tokenizer loaded in", "weights loaded in", "warm-up done in", "setup done in"):
         assert phase in logs
 
 
@@ -184,3 +185,17 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
         assert server.predict(prompt="Hi", max_new_tokens=3).json()["status"] == "succeeded"
     finally:
         hooks.shutdown()
+
+
+def test_missing_weights_fail_setup_naming_the_download_command(tmp_path):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    server = Server(empty, tmp_path / "server.log", wait_ready=False)
+    try:
+        health = server.wait_setup()
+        assert health["status"] == "SETUP_FAILED"
+        assert "python scripts/download_weights.py" in health["setup"]["logs"]
+        assert str(empty) in health["setup"]["logs"]
+        assert server.predict(prompt="Hi").status_code == 503
+    finally:
+        server.stop()
