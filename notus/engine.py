@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -174,11 +174,7 @@ class Engine:
             "max_new_tokens lowered from %d to %d: the prompt is %d tokens and the context holds %d",
             params.max_new_tokens, room, prompt_tokens, self.context_length,
         )
-        return SamplingParams(**{
-            **params.__dict__,
-            "max_new_tokens": room,
-            "min_new_tokens": min(params.min_new_tokens, room),
-        })
+        return replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         sample = params.temperature > 0

@@ -36,7 +36,8 @@ def build_tiny_notus(out: Path, eos_scale: float = 4.0, seed: int = 0) -> Path:
     model = MistralForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] *= eos_scale
-    model.save_pretrained(out, safe_serialization=True)
+    # Sharded with an index, like the real checkpoint.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5MB")
     # save_pretrained rewrites config.json; keep notus's own fields apart from the shrunk sizes.
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     return out
