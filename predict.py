@@ -17,7 +17,7 @@ from cog import BasePredictor, ConcatenateIterator, Input
 from notus.checkpoint import check_checkpoint
 from notus.engine import MAX_NEW_TOKENS_LIMIT, Engine, GenerationStats, SamplingParams
 from notus.stream import parse_stop_sequences
-from notus.weights import DEFAULT_WEIGHTS_DIR, require_weights
+from notus.weights import DEFAULT_WEIGHTS_DIR, ensure_weights
 
 log = logging.getLogger("notus")
 
@@ -27,7 +27,7 @@ class Predictor(BasePredictor):
         _log_to_stdout()
         t0 = time.perf_counter()
         # Cog passes COG_WEIGHTS as `weights`; without it, the weights/ folder of this project.
-        weights_dir = require_weights(weights or os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR)
+        weights_dir = ensure_weights(weights or os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR)
         t_check = time.perf_counter()
         check_checkpoint(weights_dir)  # a broken file fails here, named, not deep inside the load
         log.info("checkpoint checked in %.2f s", time.perf_counter() - t_check)

@@ -11,7 +11,7 @@ import json
 import struct
 from pathlib import Path
 
-from notus.weights import DOWNLOAD_COMMAND
+from notus.weights import DOWNLOAD_COMMAND, MANIFEST
 
 # What notus-7b-v1 must be: a Mistral causal LM with Llama's 32k SentencePiece vocabulary.
 EXPECTED_CONFIG = {"model_type": "mistral", "vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2}
@@ -29,10 +29,15 @@ def check_checkpoint(weights_dir: str | Path) -> dict[str, int]:
     config = _read_config(weights_dir / "config.json")
     expected = expected_shapes(config)
     shards = _shard_names(weights_dir)
+    recorded = _verified_sizes(weights_dir)
     found: dict[str, list[int]] = {}
     sizes = {}
     for name in shards:
         header, sizes[name] = read_safetensors_header(weights_dir / name)
+        if name in recorded and sizes[name] != recorded[name]:
+            raise CheckpointError(
+                weights_dir / name, f"is {sizes[name]:,} bytes, the verified download was {recorded[name]:,}"
+            )
         for tensor, info in header.items():
             if tensor == "__metadata__":
                 continue
@@ -47,6 +52,17 @@ def check_checkpoint(weights_dir: str | Path) -> dict[str, int]:
                 weights_dir, f"tensor {tensor!r} has shape {found[tensor]}, config.json says {shape}"
             )
     return sizes
+
+
+def _verified_sizes(weights_dir: Path) -> dict[str, int]:
+    """Sizes recorded by the verified download (weights/VERIFIED.json), if there was one."""
+    path = weights_dir / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return {name: entry["size"] for name, entry in json.loads(path.read_text())["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"cannot be read ({e!r})") from None
 
 
 def _read_config(path: Path) -> dict:

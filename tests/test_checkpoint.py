@@ -95,3 +95,15 @@ def test_setup_fails_through_the_real_server(weights, tmp_path, breaker):
         assert "weights loaded" not in health["setup"]["logs"]  # refused before loading
     finally:
         server.stop()
+
+
+def test_a_shard_that_changed_since_the_verified_download_is_refused(weights):
+    recorded = {p.name: {"size": p.stat().st_size} for p in shards(weights)}
+    (weights / "VERIFIED.json").write_text(json.dumps({"files": recorded}))
+    check_checkpoint(weights)  # sizes as recorded: fine
+    changed = shards(weights)[1]
+    recorded[changed.name]["size"] += 8
+    (weights / "VERIFIED.json").write_text(json.dumps({"files": recorded}))
+    with pytest.raises(CheckpointError, match="the verified download was") as error:
+        check_checkpoint(weights)
+    assert str(changed) in str(error.value)
