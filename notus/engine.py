@@ -117,9 +117,15 @@ class Engine:
             log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         t0 = time.perf_counter()
+        # device_map puts each tensor straight on the device as it is read from the mmapped shards.
         model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map=device)
         model.eval()
-        log.info("weights loaded in %.2f s (%s, %s)", time.perf_counter() - t0, device, dtype)
+        seconds = time.perf_counter() - t0
+        gigabytes = sum(p.stat().st_size for p in weights_dir.glob("*.safetensors")) / 1e9
+        log.info(
+            "weights loaded in %.2f s: %.2f GB at %.2f GB/s (%s, %s)",
+            seconds, gigabytes, gigabytes / seconds if seconds else 0.0, device, dtype,
+        )
         return cls(model, prompt)
 
     def warm_up(self) -> None:
