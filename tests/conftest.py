@@ -116,6 +116,18 @@ class Server:
         self._log.close()
 
 
+def failed_setup_logs(weights: Path, log_path: Path) -> str:
+    """Starts the server on `weights`, expects setup to fail, returns the setup logs."""
+    server = Server(weights, log_path, wait_ready=False)
+    try:
+        health = server.wait_setup()
+        assert health["status"] == "SETUP_FAILED", health
+        assert server.predict(prompt="Hi").status_code == 503  # refuses work, stays up
+        return health["setup"]["logs"]
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def server(tiny_weights, tmp_path_factory):
     server = Server(tiny_weights, tmp_path_factory.mktemp("server") / "server.log")

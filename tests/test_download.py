@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants, file_download
 
-from conftest import Server
+from conftest import Server, failed_setup_logs
 from fake_hub import HF_GET_ATTEMPTS, FakeHub
 from notus.checkpoint import check_checkpoint
 from notus.weights import MANIFEST, REPO_ID, DownloadError, download, file_digest
@@ -88,11 +88,5 @@ def test_setup_without_network_says_what_to_run_and_where(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     empty = tmp_path / "weights"
     empty.mkdir()
-    server = Server(empty, tmp_path / "server.log", wait_ready=False)
-    try:
-        health = server.wait_setup()
-        assert health["status"] == "SETUP_FAILED"
-        logs = health["setup"]["logs"]
-        assert f"python scripts/download_weights.py --dir {empty}" in logs and "could not be downloaded" in logs
-    finally:
-        server.stop()
+    logs = failed_setup_logs(empty, tmp_path / "server.log")
+    assert f"python scripts/download_weights.py --dir {empty}" in logs and "could not be downloaded" in logs
