@@ -93,6 +93,26 @@ class GenerationStats:
         return out
 
 
+def load_model(weights_dir: Path, device: str | None = None):
+    """notus's weights on `device`: bf16 on the GPU, float32 on the CPU. Logs the load's GB/s."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    t0 = time.perf_counter()
+    # device_map puts each tensor straight on the device as it is read from the mmapped shards.
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map=device)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    gigabytes = sum(p.stat().st_size for p in Path(weights_dir).glob("*.safetensors")) / 1e9
+    log.info(
+        "weights loaded in %.2f s: %.2f GB at %.2f GB/s (%s, %s)",
+        seconds, gigabytes, gigabytes / seconds if seconds else 0.0, device, dtype,
+    )
+    return model
+
+
 class Engine:
     def __init__(self, model, prompt: ChatPrompt):
         self.model = model
@@ -111,22 +131,7 @@ class Engine:
         prompt = ChatPrompt(tokenizer, frame)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        t0 = time.perf_counter()
-        # device_map puts each tensor straight on the device as it is read from the mmapped shards.
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map=device)
-        model.eval()
-        seconds = time.perf_counter() - t0
-        gigabytes = sum(p.stat().st_size for p in weights_dir.glob("*.safetensors")) / 1e9
-        log.info(
-            "weights loaded in %.2f s: %.2f GB at %.2f GB/s (%s, %s)",
-            seconds, gigabytes, gigabytes / seconds if seconds else 0.0, device, dtype,
-        )
-        return cls(model, prompt)
+        return cls(load_model(weights_dir, device), prompt)
 
     def warm_up(self) -> None:
         """One short generation so the first real request pays no one-time costs."""

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Cold-load benchmark: how long setup's weight load takes against the disk's own read speed.
+
+In one run, on the same files: (1) read every shard sequentially (the disk's speed), (2) load them
+the way setup does (Engine.load: from_pretrained with device_map onto the GPU), each with the
+files dropped from the page cache first (posix_fadvise DONTNEED) so both start cold. Reports the
+ratio load / read (target: at most 1.25) and the peak host memory of the load, which runs in a
+child process so its peak is its own.
+
+    python scripts/benchmark_load.py --weights weights/            # the real checkpoint
+    python scripts/benchmark_load.py --random /tmp/notus-random     # writes a random-weight notus
+                                                                    # of the exact config first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def drop_from_page_cache(files: list[Path]) -> None:
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_seconds(files: list[Path]) -> float:
+    buffer = bytearray(64 * 1024 * 1024)
+    t0 = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - t0
+
+
+def load_in_child(weights: Path, device: str | None) -> dict:
+    # The child imports first, then measures only the weight load (what the ratio is about).
+    code = (
+        "import json, re, time, torch\n"
+        "from notus.engine import load_model\n"
+        "def kb(key): return int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "before = kb('VmRSS')\n"
+        "t0 = time.perf_counter()\n"
+        f"model = load_model({str(weights)!r}, device={device!r})\n"
+        "if model.device.type == 'cuda': torch.cuda.synchronize()\n"
+        "seconds = time.perf_counter() - t0\n"
+        "print(json.dumps({'load_seconds': seconds, 'host_bytes_before': before * 1024,\n"
+        "                  'peak_host_bytes': kb('VmHWM') * 1024, 'device': str(model.device)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_random_checkpoint(out: Path) -> Path:
+    """notus's exact architecture with random bf16 weights, sharded like the real one."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(REPO / "weights" / name, out / name)
+    import mistral_common  # the tokenizer.model notus ships, byte-identical
+
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", out / "tokenizer.model")
+    config = AutoConfig.from_pretrained(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="2GB")
+    (out / "config.json").write_text((REPO / "weights" / "config.json").read_text())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, help="an existing checkpoint directory")
+    source.add_argument("--random", type=Path, help="write a random-weight notus here first")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="where the JSON result goes")
+    args = parser.parse_args()
+
+    weights = write_random_checkpoint(args.random) if args.random else args.weights
+    files = sorted(weights.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in files)
+
+    drop_from_page_cache(files)
+    read = read_seconds(files)
+    drop_from_page_cache(files)
+    load = load_in_child(weights, args.device)
+
+    result = {
+        "bytes": total,
+        "disk_read_seconds": read,
+        "disk_read_gb_per_s": total / read / 1e9,
+        **load,
+        "load_gb_per_s": total / load["load_seconds"] / 1e9,
+        "load_over_read": load["load_seconds"] / read,
+        # What the load added to the host's peak memory, against the checkpoint's size.
+        "peak_host_growth_over_checkpoint": (load["peak_host_bytes"] - load["host_bytes_before"]) / total,
+        "machine": platform.node(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"load / disk read = {result['load_over_read']:.2f} (target <= 1.25); wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
