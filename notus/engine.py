@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from notus.loading import load_model
 from notus.prompt import ChatPrompt, load_tokenizer
 from notus.stream import TextStream
 
@@ -91,26 +92,6 @@ class GenerationStats:
                 self.output_token_count / self.time_to_first_token if self.time_to_first_token else 0.0
             )
         return out
-
-
-def load_model(weights_dir: Path, device: str | None = None):
-    """notus's weights on `device`: bf16 on the GPU, float32 on the CPU. Logs the load's GB/s."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    t0 = time.perf_counter()
-    # device_map puts each tensor straight on the device as it is read from the mmapped shards.
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map=device)
-    model.eval()
-    seconds = time.perf_counter() - t0
-    gigabytes = sum(p.stat().st_size for p in Path(weights_dir).glob("*.safetensors")) / 1e9
-    log.info(
-        "weights loaded in %.2f s: %.2f GB at %.2f GB/s (%s, %s)",
-        seconds, gigabytes, gigabytes / seconds if seconds else 0.0, device, dtype,
-    )
-    return model
 
 
 class Engine:

@@ -2,7 +2,12 @@
 
 A download counts as complete only when every file matches the hub's recorded size and hash
 (sha256 for LFS files, the git blob sha1 for small ones). What was verified is recorded in
-weights/VERIFIED.json, so a boot need not hash 14.5 GB again: setup compares sizes instead.
+weights/VERIFIED.json after each file, so a boot need not hash 14.5 GB again (setup compares sizes
+instead) and a re-run skips what an earlier run already verified.
+
+Transfers: over Xet (hf_xet, parallel chunks: the hub client's fastest) when the hub stores the file
+there; otherwise over HTTP into weights/.cache/notus/<file>.<hash>.partial, which a later run
+resumes with a Range request instead of starting the file over.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("notus")
@@ -45,7 +51,11 @@ def missing_files(weights_dir: Path) -> list[str]:
     missing = [name for name in ("config.json", "tokenizer_config.json") if not (weights_dir / name).is_file()]
     if not any((weights_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         missing.append("tokenizer.json (or tokenizer.model)")
-    if not list(weights_dir.glob("*.safetensors")):
+    index = weights_dir / "model.safetensors.index.json"
+    if index.is_file():  # an interrupted download leaves some shards: the index names them all
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing += [name for name in shards if not (weights_dir / name).is_file()]
+    elif not list(weights_dir.glob("*.safetensors")):
         missing.append("the *.safetensors weight shards")
     return missing
 
@@ -66,15 +76,18 @@ def require_weights(weights_dir: str | Path) -> Path:
 def ensure_weights(weights_dir: str | Path) -> Path:
     """The weights in `weights_dir`, downloaded (verified) first if they are not there."""
     weights_dir = Path(weights_dir)
-    if missing_files(weights_dir):
-        log.info("weights missing in %s: downloading %s (once; later boots reuse them)", weights_dir, REPO_ID)
+    missing = missing_files(weights_dir)
+    if missing:
+        log.info("weights missing in %s (%s): downloading %s (once; later boots reuse them)",
+                 weights_dir, ", ".join(missing), REPO_ID)
         try:
             download(weights_dir)
         except DownloadError:
             raise
         except Exception as e:  # no network, hub down, auth: say what to do instead
             raise FileNotFoundError(
-                f"notus-7b-v1 weights are not in {weights_dir} and could not be downloaded from "
+                f"notus-7b-v1 weights are not complete in {weights_dir} (missing "
+                f"{', '.join(str(weights_dir / name) for name in missing)}) and could not be downloaded from "
                 f"the Hugging Face hub ({type(e).__name__}: {e}). On a machine with network, run "
                 f"`{DOWNLOAD_COMMAND} --dir {weights_dir}`, or copy the files of {REPO_ID} "
                 f"(safetensors shards, index, config and tokenizer files) into {weights_dir}."
@@ -94,38 +107,104 @@ def file_digest(path: Path, lfs: bool) -> str:
 def download(weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, revision: str = REVISION) -> Path:
     """Fetches the model files into `weights_dir`, verifies each, records the result.
 
-    huggingface_hub shows progress bars, resumes interrupted files and uses its fastest transfer
-    (hf_xet where the repo is stored on Xet). Honours HF_ENDPOINT and HF_TOKEN.
+    Files an earlier run verified are kept; an interrupted HTTP transfer resumes where it stopped.
+    Progress bars come from huggingface_hub. Honours HF_ENDPOINT and HF_TOKEN.
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
     info = HfApi().model_info(REPO_ID, revision=revision, files_metadata=True)
     files = [s for s in info.siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOW_PATTERNS)]
     log.info("downloading %s at commit %s into %s", REPO_ID, info.sha, weights_dir)
-    # The commit sha, not the branch name: every file comes from the same commit.
-    snapshot_download(repo_id=REPO_ID, revision=info.sha, local_dir=str(weights_dir),
-                      allow_patterns=[s.rfilename for s in files])
-    verified = {}
+    earlier = _read_manifest(weights_dir, info.sha)
+    verified: dict[str, dict] = {}
     for sibling in files:
-        path = weights_dir / sibling.rfilename
-        lfs = sibling.lfs is not None
-        expected_size = sibling.lfs.size if lfs else sibling.size
-        expected_hash = sibling.lfs.sha256 if lfs else sibling.blob_id
-        size = path.stat().st_size if path.exists() else None
-        digest = file_digest(path, lfs) if size == expected_size else None
-        if digest != expected_hash:
-            path.unlink(missing_ok=True)  # so the next run fetches it again instead of keeping it
-            raise DownloadError(
-                f"{path} does not match the hub's record (size {size} vs {expected_size}, "
-                f"{'sha256' if lfs else 'git sha1'} {digest} vs {expected_hash}); it was deleted. "
-                f"Run `{DOWNLOAD_COMMAND} --dir {weights_dir}` again."
-            )
-        verified[sibling.rfilename] = {"size": size, ("sha256" if lfs else "git_sha1"): digest}
-        log.info("verified %s", sibling.rfilename)
-    manifest = {"repo_id": REPO_ID, "commit": info.sha, "files": verified}
-    (weights_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        name, lfs = sibling.rfilename, sibling.lfs is not None
+        record = {"size": sibling.lfs.size if lfs else sibling.size,
+                  ("sha256" if lfs else "git_sha1"): sibling.lfs.sha256 if lfs else sibling.blob_id}
+        path = weights_dir / name
+        if earlier.get(name) == record and path.is_file() and path.stat().st_size == record["size"]:
+            verified[name] = record  # verified by an earlier run of this commit
+            continue
+        if not _matches(path, record, lfs):
+            path.unlink(missing_ok=True)
+            # The commit sha, not the branch name: every file comes from the same commit.
+            _fetch(name, info.sha, weights_dir, record)
+            _verify(path, record, lfs, weights_dir)
+        verified[name] = record
+        log.info("verified %s", name)
+        _write_manifest(weights_dir, info.sha, verified, complete=False)  # survives an interruption
+    _write_manifest(weights_dir, info.sha, verified, complete=True)
     return weights_dir
+
+
+def _matches(path: Path, record: dict, lfs: bool) -> bool:
+    if not path.is_file() or path.stat().st_size != record["size"]:
+        return False
+    return file_digest(path, lfs) == record.get("sha256", record.get("git_sha1"))
+
+
+def _verify(path: Path, record: dict, lfs: bool, weights_dir: Path) -> None:
+    size = path.stat().st_size if path.exists() else None
+    digest = file_digest(path, lfs) if size == record["size"] else None
+    expected = record["sha256"] if lfs else record["git_sha1"]
+    if digest != expected:
+        path.unlink(missing_ok=True)  # so the next run fetches it again instead of keeping it
+        raise DownloadError(
+            f"{path} does not match the hub's record (size {size} vs {record['size']}, "
+            f"{'sha256' if lfs else 'git sha1'} {digest} vs {expected}); it was deleted. "
+            f"Run `{DOWNLOAD_COMMAND} --dir {weights_dir}` again."
+        )
+
+
+def _fetch(name: str, commit: str, weights_dir: Path, record: dict) -> None:
+    """One file of the repo at `commit` into weights_dir/name (unverified yet)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    url = hf_hub_url(REPO_ID, name, revision=commit)
+    if is_xet_available() and get_hf_file_metadata(url).xet_file_data is not None:
+        hf_hub_download(REPO_ID, name, revision=commit, local_dir=weights_dir)
+        return
+    # The hash in the name: a partial of another version of the file is never resumed.
+    digest = record.get("sha256") or record["git_sha1"]
+    partial = weights_dir / ".cache" / "notus" / f"{name}.{digest}.partial"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(partial, "ab") as f:  # appends after what an earlier run got
+            if f.tell() > record["size"]:
+                f.truncate(0)
+            if f.tell():
+                log.info("resuming %s at byte %d of %d", name, f.tell(), record["size"])
+            # Resumes dropped connections itself (Range requests), and shows a progress bar.
+            http_get(url, f, resume_size=f.tell(), headers=build_hf_headers(),
+                     expected_size=record["size"], displayed_filename=name)
+    except Exception as e:
+        kept = partial.stat().st_size if partial.exists() else 0
+        raise DownloadError(
+            f"downloading {name} failed ({type(e).__name__}: {e}); {kept:,} of {record['size']:,} bytes "
+            f"are kept in {partial}. Run `{DOWNLOAD_COMMAND} --dir {weights_dir}` again to resume."
+        ) from e
+    (weights_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, weights_dir / name)
+
+
+def _read_manifest(weights_dir: Path, commit: str) -> dict[str, dict]:
+    try:
+        manifest = json.loads((weights_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest.get("files", {}) if manifest.get("commit") == commit else {}
+
+
+def _write_manifest(weights_dir: Path, commit: str, files: dict[str, dict], complete: bool) -> None:
+    manifest = {"repo_id": REPO_ID, "commit": commit, "complete": complete, "files": files}
+    tmp = weights_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, weights_dir / MANIFEST)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ def test_complete_download_is_verified_and_recorded(hub, tiny_weights, tmp_path)
     for name in shard_names(tiny_weights) + ["config.json", "tokenizer.model", "model.safetensors.index.json"]:
         assert (out / name).read_bytes() == (tiny_weights / name).read_bytes()
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["commit"] == COMMIT
+    assert manifest["commit"] == COMMIT and manifest["complete"]
     shard = shard_names(tiny_weights)[0]
     assert manifest["files"][shard] == {
         "size": (tiny_weights / shard).stat().st_size,
@@ -54,7 +54,7 @@ def test_a_file_whose_bytes_differ_from_the_hash_is_refused(hub, tiny_weights, t
         download(tmp_path / "weights")
     assert shard in str(error.value) and "sha256" in str(error.value)
     assert not (tmp_path / "weights" / shard).exists()  # deleted, never left to be loaded
-    assert not (tmp_path / "weights" / MANIFEST).exists()
+    assert not json.loads((tmp_path / "weights" / MANIFEST).read_text())["complete"]
     hub.serve_corrupt(shard, False)
     download(tmp_path / "weights")  # a re-run fetches it again and completes
     assert (tmp_path / "weights" / shard).read_bytes() == (tiny_weights / shard).read_bytes()
@@ -69,6 +69,27 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(hub, tiny_weights, tmp
     ranges = hub.gets(shard)
     assert ranges[0] is None and all(r and r.startswith("bytes=") and r != "bytes=0-" for r in ranges[1:])
     assert (tmp_path / "weights" / shard).read_bytes() == (tiny_weights / shard).read_bytes()
+
+
+def test_a_run_killed_mid_file_is_resumed_by_the_next_run(hub, tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    first, second = shard_names(tiny_weights)[:2]
+    cut = 3 * 1024 * 1024
+    hub.interrupt_after(second, cut, times=HF_GET_ATTEMPTS)  # more drops than one run absorbs
+    with pytest.raises(DownloadError) as error:
+        download(tmp_path / "weights")
+    assert second in str(error.value) and "again to resume" in str(error.value)
+    assert not (tmp_path / "weights" / second).exists()  # nothing half-written under the real name
+    gets_before = {name: len(hub.gets(name)) for name in (first, second)}
+
+    download(tmp_path / "weights")
+    resumed = hub.gets(second)[gets_before[second]:]
+    assert resumed == [f"bytes={cut}-"]  # one GET, from where the killed run stopped
+    assert len(hub.gets(first)) == gets_before[first]  # a file verified earlier is not fetched again
+    assert (tmp_path / "weights" / second).read_bytes() == (tiny_weights / second).read_bytes()
+    assert json.loads((tmp_path / "weights" / MANIFEST).read_text())["complete"]
+    assert not list((tmp_path / "weights" / ".cache" / "notus").glob("*.partial"))
 
 
 def test_setup_downloads_missing_weights_then_serves(hub, tmp_path):
