@@ -1,9 +1,9 @@
 """The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), one request at a time.
 
 `Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
-them. `model.generate` runs in a worker thread and hands each token over a queue; a stopping
-criterion checked at every step ends it as soon as the consumer stops (stop sequence, cancel,
-error), so the GPU goes idle within a token or two, not at max_new_tokens.
+them. The tokens come from the decode thread (notus/decode.py) over a queue; as soon as the
+consumer stops (stop sequence, cancel, error) the decode thread is told and stops at the next step,
+so the GPU goes idle within a token or two, not at max_new_tokens.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import GenerationConfig
 
+from notus.decode import DecodeRequest, Decoder
 from notus.loading import load_model
 from notus.prompt import ChatPrompt, load_tokenizer
 from notus.stream import TextStream
@@ -95,16 +94,18 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, model, prompt: ChatPrompt):
+    def __init__(self, model, prompt: ChatPrompt, compile: bool | None = None):
         self.model = model
         self.prompt = prompt
         self.tokenizer = prompt.tokenizer
         self.device = model.device
         # The longest sequence the model takes: prompt plus new tokens.
         self.context_length = model.config.max_position_embeddings
+        # compile=None: compiled (CUDA graphs) on the GPU, eager on the CPU.
+        self.decoder = Decoder(model, prompt.eos_id, self.context_length, compile=compile)
 
     @classmethod
-    def load(cls, weights_dir: str | Path, device: str | None = None) -> "Engine":
+    def load(cls, weights_dir: str | Path, device: str | None = None, compile: bool | None = None) -> "Engine":
         """Tokenizer and weights from `weights_dir`; bf16 on the GPU, float32 on the CPU."""
         weights_dir = Path(weights_dir)
         t0 = time.perf_counter()
@@ -112,14 +113,30 @@ class Engine:
         prompt = ChatPrompt(tokenizer, frame)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
 
-        return cls(load_model(weights_dir, device), prompt)
+        return cls(load_model(weights_dir, device), prompt, compile=compile)
 
     def warm_up(self) -> None:
-        """One short generation so the first real request pays no one-time costs."""
+        """Runs every path a request can take once, so the first request is as fast as the tenth.
+
+        Compiles and captures the decode step (on the GPU), loads the sampling kernels, and, when
+        compiled, also crosses the sliding window (the cache's second code path).
+        """
         t0 = time.perf_counter()
-        for _ in self.stream("", "Hello", SamplingParams(max_new_tokens=4, min_new_tokens=4, seed=0)):
+        sampled = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
+                                 repetition_penalty=1.1, seed=0)
+        for _ in self.stream("", "Hello", sampled):
             pass
-        log.info("warm-up done in %.2f s", time.perf_counter() - t0)
+        for _ in self.stream("", "Hello", SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0)):
+            pass
+        window = getattr(self.model.config, "sliding_window", None)
+        if self.decoder.compile and window and window + 8 < self.context_length:
+            filler = self.prompt.ids("", "Hello")[-2]  # any ordinary token
+            ids = [self.prompt.bos_id] + [filler] * (window - 8)
+            for _ in self._generate_ids(ids, SamplingParams(max_new_tokens=16, min_new_tokens=16, temperature=0), 0):
+                pass
+        log.info("warm-up done in %.2f s (%s)", time.perf_counter() - t0,
+                 ("decode step compiled" + (", CUDA graphs captured" if self.device.type == "cuda" else ""))
+                 if self.decoder.compile else "eager")
 
     def stream(
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
@@ -186,69 +203,29 @@ class Engine:
 
     def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """Token ids as the model makes them; leaving the loop early stops the model."""
-        tokens: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                torch.manual_seed(seed)  # CPU and every GPU: sampling is repeatable per seed
-                with torch.inference_mode():
-                    self.model.generate(
-                        torch.tensor([input_ids], device=self.device),
-                        attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
-                        generation_config=self.generation_config(params),
-                        streamer=_QueueStreamer(tokens),
-                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
-                    )
-            except BaseException as e:  # handed to the consumer, raised there
-                failure.append(e)
-            finally:
-                tokens.put(None)
-
-        worker = threading.Thread(target=work, name="notus-generate", daemon=True)
-        worker.start()
+        request = self.decoder.submit(DecodeRequest(
+            input_ids=input_ids,
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty,
+            seed=seed,
+        ))
         try:
             while True:
                 try:
                     # A short timeout keeps this thread in Python often, so a cancellation
                     # raised here by Cog is seen at once.
-                    token = tokens.get(timeout=0.05)
+                    token = request.tokens.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 if token is None:
                     break
                 yield token
-            if failure:
-                raise failure[0]
+            if request.error is not None:
+                raise request.error
         finally:
-            stop.set()
-            worker.join()
-
-
-class _QueueStreamer(BaseStreamer):
-    """generate()'s streamer hook: new token ids onto a queue (the first call is the prompt)."""
-
-    def __init__(self, tokens: queue.Queue):
-        self.tokens = tokens
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.tokens.put(token_id)
-
-    def end(self) -> None:
-        pass
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation at the next step once the consumer has gone (stop sequence, cancel)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+            request.stop.set()
+            request.done.wait()  # the GPU is free again before the next request starts
