@@ -21,6 +21,9 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,12 +97,26 @@ class Decoder:
         self._requests.put(request)
         return request
 
+    def call(self, fn: Callable[[], object]) -> object:
+        """Runs `fn` on the decode thread (where the CUDA graphs live) and returns its result."""
+        future: Future = Future()
+        self._requests.put((fn, future))
+        return future.result()
+
     def close(self) -> None:
         self._requests.put(None)
         self._thread.join()
 
     def _serve(self) -> None:
         while (request := self._requests.get()) is not None:
+            if isinstance(request, tuple):  # a call(): run it, hand back its result
+                fn, future = request
+                try:
+                    with torch.inference_mode():
+                        future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+                continue
             try:
                 with torch.inference_mode():
                     self._run(request)
@@ -144,6 +161,31 @@ class Decoder:
                 return
             token = following
 
+    def raw_step_seconds(self, prompt_length: int, steps: int) -> float:
+        """Seconds per bare decode step (model only: no sampling, no streaming), for the benchmark."""
+
+        def measure() -> float:
+            self.cache.reset()
+            ids = torch.full((1, prompt_length), self.eos_id, device=self.device)
+            p = self.positions[:prompt_length]
+            logits = self.model(input_ids=ids, position_ids=p[None], cache_position=p,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+            token = logits[:, -1].argmax(-1)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                if self.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                position = self.positions[prompt_length + i : prompt_length + i + 1]
+                logits = self.step(input_ids=token.view(1, 1), position_ids=position.view(1, 1),
+                                   cache_position=position, past_key_values=self.cache, use_cache=True).logits
+                token = logits[:, -1].argmax(-1)
+                del logits
+            _sync(self.device)
+            return (time.perf_counter() - t0) / steps
+
+        return self.call(measure)
+
     def _processors(self, r: DecodeRequest, prompt_length: int) -> LogitsProcessorList:
         """The processors model.generate would use for these settings, in its order."""
         processors = LogitsProcessorList()
@@ -169,6 +211,11 @@ def _pick(processors: LogitsProcessorList, ids: torch.Tensor, logits: torch.Tens
     if sample:
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
     return torch.argmax(scores, dim=-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _TokenReader:

@@ -142,11 +142,16 @@ class Engine:
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
     ) -> Iterator[str]:
         """Text chunks of the reply, as soon as each is complete. Fills `stats` as it goes."""
-        stats = stats if stats is not None else GenerationStats()
         if not prompt:
             raise ValueError("prompt must not be empty")
+        yield from self.stream_ids(self.prompt.ids(system_prompt, prompt), params, stats)
+
+    def stream_ids(
+        self, input_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None
+    ) -> Iterator[str]:
+        """Text chunks of the reply to an already templated prompt (what stream() and the benchmark use)."""
+        stats = stats if stats is not None else GenerationStats()
         params.validate()
-        input_ids = self.prompt.ids(system_prompt, prompt)
         stats.input_token_count = len(input_ids)
         params = self._fit_context(len(input_ids), params)
         seed = params.seed if params.seed is not None else secrets.randbits(32)

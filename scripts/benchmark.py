@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Decode benchmark: this project's generation path against plain `model.generate`, in one run.
+
+    python scripts/benchmark.py                      # GPU: notus's exact config, random bf16 weights
+    python scripts/benchmark.py --weights weights/   # GPU: the real checkpoint
+    python scripts/benchmark.py --tiny               # CPU: the tiny test model (development only)
+
+For each prompt length (128 and 2048 tokens by default), after a warm-up, it runs `--reps` times:
+  baseline  plain model.generate, eager, default cache, TextIteratorStreamer read from a new thread
+            (what Cog's examples do);
+  project   Engine.stream_ids: the code Predictor.predict runs (decode thread, static cache,
+            compiled step on the GPU, streaming text).
+Every run generates exactly --new-tokens tokens (min_new_tokens = max_new_tokens), greedy.
+
+Reported per path: time to first token (median), decode tokens/s (median, tokens after the first),
+share of memory bandwidth (bytes read per token x tokens/s / the bandwidth a device-to-device copy
+reaches in the same run), peak device memory; then project / baseline. Also the bare model step
+(no sampling, no streaming) as a floor. Writes JSON under benchmarks/ and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer  # noqa: E402
+
+from notus.engine import Engine, GenerationStats, SamplingParams  # noqa: E402
+from notus.loading import load_model  # noqa: E402
+from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
+
+
+def tokenizer_dir(weights: Path | None) -> Path:
+    """A folder with notus's tokenizer: the checkpoint's, else weights/ plus mistral-common's copy."""
+    if weights is not None:
+        return weights
+    if (REPO / "weights" / "tokenizer.model").exists() or (REPO / "weights" / "tokenizer.json").exists():
+        return REPO / "weights"
+    import mistral_common  # dev dependency; ships Mistral-7B-v0.1's tokenizer.model, byte-identical
+
+    out = Path(tempfile.mkdtemp(prefix="notus-tokenizer-"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(REPO / "weights" / name, out / name)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", out / "tokenizer.model")
+    return out
+
+
+def build_model(args):
+    """(model, description): real weights, the tiny test model, or a random notus of the exact config."""
+    if args.weights:
+        return load_model(args.weights, args.device), f"notus-7b-v1 weights from {args.weights}"
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_model import build_tiny_notus
+
+        tiny = build_tiny_notus(Path(tempfile.mkdtemp(prefix="notus-tiny-")))
+        return load_model(tiny, args.device), "tiny random notus (tests/tiny_model.py), float32"
+    config = AutoConfig.from_pretrained(REPO / "weights")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), f"random-weight notus-7b-v1 (weights/config.json), {dtype}"
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes a decode step reads: every weight once, except the embedding table (only gathered)."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - embedding.numel() * embedding.element_size()
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), the practical ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / reps
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+
+class _TimedStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also notes when each generated token reached it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self._prompt_seen = True
+        super().put(value)
+
+
+def run_baseline(engine: Engine, ids: list[int], new_tokens: int) -> dict:
+    """Plain generate in a new thread, text through TextIteratorStreamer, as Cog's examples do."""
+    model, device = engine.model, engine.device
+    streamer = _TimedStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    config = engine.generation_config(SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0))
+    inputs = torch.tensor([ids], device=device)
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=model.generate, kwargs=dict(
+        inputs=inputs, attention_mask=torch.ones_like(inputs), generation_config=config, streamer=streamer))
+    worker.start()
+    text = "".join(streamer)
+    end = time.perf_counter()
+    worker.join()
+    times = streamer.token_times
+    return _timing(t0, times[0], end, len(times), text)
+
+
+def run_project(engine: Engine, ids: list[int], new_tokens: int) -> dict:
+    """The path Predictor.predict runs: Engine.stream_ids."""
+    stats = GenerationStats()
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0, seed=0)
+    text = "".join(engine.stream_ids(ids, params, stats))
+    end = time.perf_counter()
+    first = stats._start + stats.time_to_first_token
+    return _timing(stats._start, first, end, stats.output_token_count, text)
+
+
+def _timing(start: float, first: float, end: float, tokens: int, text: str) -> dict:
+    return {
+        "time_to_first_token_s": first - start,
+        "decode_tokens_per_s": (tokens - 1) / (end - first) if end > first else None,
+        "tokens": tokens,
+        "text_chars": len(text),
+    }
+
+
+def measure(name, run, engine, ids, args) -> dict:
+    device = engine.device.type
+    reset_peak(device)
+    run(engine, ids, args.new_tokens)  # warm-up
+    runs = [run(engine, ids, args.new_tokens) for _ in range(args.reps)]
+    assert all(r["tokens"] == args.new_tokens for r in runs), f"{name}: token count differs from --new-tokens"
+    return {
+        "time_to_first_token_s": statistics.median(r["time_to_first_token_s"] for r in runs),
+        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+        "peak_memory_bytes": peak_memory(device),
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help="a real checkpoint (default: random weights, exact config)")
+    source.add_argument("--tiny", action="store_true", help="the tiny test model (CPU development)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="the project path without torch.compile")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    model, description = build_model(args)
+    tokenizer, frame = load_tokenizer(tokenizer_dir(args.weights))
+    engine = Engine(model, ChatPrompt(tokenizer, frame), compile=False if args.no_compile else None)
+    engine.warm_up()
+    setup_seconds = time.perf_counter() - t0
+
+    device = engine.device.type
+    bytes_per_token = weight_bytes_per_token(model)
+    bandwidth = copy_bandwidth(device)
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for length in args.prompt_lengths:
+        # The same token ids for both paths: BOS, then ordinary vocabulary.
+        ids = [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
+        row = {"prompt_tokens": length}
+        for name, run in (("baseline", run_baseline), ("project", run_project)):
+            row[name] = measure(name, run, engine, ids, args)
+            row[name]["bandwidth_share"] = bytes_per_token * row[name]["decode_tokens_per_s"] / bandwidth
+        raw = engine.decoder.raw_step_seconds(length, args.new_tokens)
+        row["raw_model_step"] = {"seconds": raw, "tokens_per_s": 1 / raw, "bandwidth_share": bytes_per_token / raw / bandwidth}
+        # What streaming, sampling and the hand-over add per token on top of the bare step.
+        row["project_overhead_per_token_s"] = 1 / row["project"]["decode_tokens_per_s"] - raw
+        row["project_over_baseline_decode"] = row["project"]["decode_tokens_per_s"] / row["baseline"]["decode_tokens_per_s"]
+        row["baseline_over_project_ttft"] = row["baseline"]["time_to_first_token_s"] / row["project"]["time_to_first_token_s"]
+        results.append(row)
+
+    report = {
+        "model": description,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compiled": engine.decoder.compile,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "weight_bytes_per_token": bytes_per_token,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "setup_seconds": setup_seconds,
+        "results": results,
+        "machine": platform.node(),
+        "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decode-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
+    print(f"wrote {path}")
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"{report['model']} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}, "
+        f"compiled: {report['compiled']}); copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; "
+        f"{report['new_tokens']} new tokens, median of {report['reps']}",
+        "",
+        "| prompt | path | time to first token | decode tok/s | bandwidth share | peak memory |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["results"]:
+        for name in ("baseline", "project"):
+            r = row[name]
+            memory = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a"
+            lines.append(f"| {row['prompt_tokens']} | {name} | {r['time_to_first_token_s'] * 1000:.1f} ms | "
+                         f"{r['decode_tokens_per_s']:.1f} | {r['bandwidth_share']:.0%} | {memory} |")
+        raw = row["raw_model_step"]
+        lines.append(f"| {row['prompt_tokens']} | bare model step | | {raw['tokens_per_s']:.1f} | "
+                     f"{raw['bandwidth_share']:.0%} | |")
+        lines.append(f"| {row['prompt_tokens']} | **project / baseline** | "
+                     f"{row['baseline_over_project_ttft']:.2f}x faster | {row['project_over_baseline_decode']:.2f}x | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
