@@ -3,9 +3,12 @@
 Why a hand-written loop instead of `model.generate` per request:
 - The KV cache is allocated once (transformers' StaticCache, sized for the whole context) and only
   reset between requests, so nothing is reallocated and the decode step has one shape.
-- That step is compiled with mode="reduce-overhead" (CUDA graphs): one graph launch per token
-  instead of hundreds of kernel launches from Python. CUDA graphs belong to the thread that
-  captured them, hence one thread for all requests, warm-up included.
+- That step is compiled by inductor (fused kernels, far fewer launches than eager). CUDA graphs
+  (mode "reduce-overhead") are not the default: notus's cache is a 4,096-token sliding window whose
+  transformers layer keeps its length as a Python int; compiled, that int becomes an input of the
+  graph, and CUDA graph trees record a new graph for every new value, i.e. every token. Set
+  NOTUS_COMPILE_MODE=reduce-overhead to try them. Compiled code and CUDA graphs belong to the
+  thread that made them, hence one thread for all requests, warm-up included.
 - The host never waits for the GPU except to read the token it streams, and even that is one step
   behind: step n+1 is queued before token n is read, so the GPU always has work. At the end one
   step too many has been queued; its token is dropped.
@@ -44,6 +47,8 @@ log = logging.getLogger("notus")
 # Where inductor keeps compiled kernels, so a second boot skips most of the compile. Inside the
 # project: `cog predict` mounts it, so the cache survives between runs on the same machine.
 DEFAULT_COMPILE_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "torch-compile"
+# torch.compile mode of the decode step (see the module docstring for why not "reduce-overhead").
+COMPILE_MODE = os.environ.get("NOTUS_COMPILE_MODE", "default")
 
 
 @dataclass
@@ -73,15 +78,17 @@ class Decoder:
         self.eos_id = eos_id
         self.max_length = max_length
         self.compile = self.device.type == "cuda" if compile is None else compile
+        self.cuda_graphs = False
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         # Positions live on the device: slicing them per step needs no host-to-device copy.
         self.positions = torch.arange(max_length, device=self.device)
         if self.compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(DEFAULT_COMPILE_CACHE))
-            # transformers' compiled __call__ (the one generate uses for static caches): inductor,
-            # mode="reduce-overhead" = CUDA graphs, dynamic=None so the cache's step counter does
-            # not force a recompile per token.
-            self.step = model.get_compiled_call(CompileConfig())
+            # transformers' compiled __call__ (what generate uses for static caches); dynamic=None
+            # so the cache's step counter does not force a recompile per token.
+            self.step = model.get_compiled_call(CompileConfig(mode=COMPILE_MODE))
+            self.step_mode = COMPILE_MODE
+            self.cuda_graphs = COMPILE_MODE == "reduce-overhead" and self.device.type == "cuda"
         else:
             self.step = model.__call__
         self._requests: queue.Queue = queue.Queue()
@@ -146,7 +153,7 @@ class Decoder:
             following = None
             if i + 1 < r.max_new_tokens and not r.stop.is_set():
                 # Queue the next step before reading this token: the GPU never waits on the host.
-                if self.compile:
+                if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 position = self.positions[n + i : n + i + 1]
                 logits = self.step(
@@ -174,7 +181,7 @@ class Decoder:
             _sync(self.device)
             t0 = time.perf_counter()
             for i in range(steps):
-                if self.compile:
+                if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 position = self.positions[prompt_length + i : prompt_length + i + 1]
                 logits = self.step(input_ids=token.view(1, 1), position_ids=position.view(1, 1),

@@ -118,8 +118,8 @@ class Engine:
     def warm_up(self) -> None:
         """Runs every path a request can take once, so the first request is as fast as the tenth.
 
-        Compiles and captures the decode step (on the GPU), loads the sampling kernels, and, when
-        compiled, also crosses the sliding window (the cache's second code path).
+        Compiles the decode step (on the GPU), loads the sampling kernels, and, when compiled,
+        also crosses the sliding window (the cache's second code path).
         """
         t0 = time.perf_counter()
         sampled = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
@@ -135,7 +135,7 @@ class Engine:
             for _ in self._generate_ids(ids, SamplingParams(max_new_tokens=16, min_new_tokens=16, temperature=0), 0):
                 pass
         log.info("warm-up done in %.2f s (%s)", time.perf_counter() - t0,
-                 ("decode step compiled" + (", CUDA graphs captured" if self.device.type == "cuda" else ""))
+                 ("decode step compiled" + (", CUDA graphs captured" if self.decoder.cuda_graphs else ""))
                  if self.decoder.compile else "eager")
 
     def stream(

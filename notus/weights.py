@@ -57,6 +57,11 @@ def missing_files(weights_dir: Path) -> list[str]:
         missing += [name for name in shards if not (weights_dir / name).is_file()]
     elif not list(weights_dir.glob("*.safetensors")):
         missing.append("the *.safetensors weight shards")
+    try:  # a download that was interrupted has files it did not verify yet
+        if json.loads((weights_dir / MANIFEST).read_text()).get("complete") is False:
+            missing.append(f"the rest of an interrupted download ({MANIFEST} says incomplete)")
+    except (OSError, ValueError):
+        pass
     return missing
 
 
@@ -129,9 +134,9 @@ def download(weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, revision: str = REVI
             continue
         if not _matches(path, record, lfs):
             path.unlink(missing_ok=True)
-            # The commit sha, not the branch name: every file comes from the same commit.
-            _fetch(name, info.sha, weights_dir, record)
-            _verify(path, record, lfs, weights_dir)
+            # The commit sha, not the branch name: every file comes from the same commit. The
+            # file gets its real name only once verified, so nothing unchecked is ever loaded.
+            _fetch(name, info.sha, weights_dir, record, lfs)
         verified[name] = record
         log.info("verified %s", name)
         _write_manifest(weights_dir, info.sha, verified, complete=False)  # survives an interruption
@@ -145,21 +150,21 @@ def _matches(path: Path, record: dict, lfs: bool) -> bool:
     return file_digest(path, lfs) == record.get("sha256", record.get("git_sha1"))
 
 
-def _verify(path: Path, record: dict, lfs: bool, weights_dir: Path) -> None:
+def _verify(path: Path, record: dict, lfs: bool, weights_dir: Path, name: str) -> None:
     size = path.stat().st_size if path.exists() else None
     digest = file_digest(path, lfs) if size == record["size"] else None
     expected = record["sha256"] if lfs else record["git_sha1"]
     if digest != expected:
         path.unlink(missing_ok=True)  # so the next run fetches it again instead of keeping it
         raise DownloadError(
-            f"{path} does not match the hub's record (size {size} vs {record['size']}, "
+            f"{weights_dir / name} does not match the hub's record (size {size} vs {record['size']}, "
             f"{'sha256' if lfs else 'git sha1'} {digest} vs {expected}); it was deleted. "
             f"Run `{DOWNLOAD_COMMAND} --dir {weights_dir}` again."
         )
 
 
-def _fetch(name: str, commit: str, weights_dir: Path, record: dict) -> None:
-    """One file of the repo at `commit` into weights_dir/name (unverified yet)."""
+def _fetch(name: str, commit: str, weights_dir: Path, record: dict, lfs: bool) -> None:
+    """One file of the repo at `commit` into weights_dir/name, verified before it gets that name."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
@@ -167,7 +172,12 @@ def _fetch(name: str, commit: str, weights_dir: Path, record: dict) -> None:
 
     url = hf_hub_url(REPO_ID, name, revision=commit)
     if is_xet_available() and get_hf_file_metadata(url).xet_file_data is not None:
-        hf_hub_download(REPO_ID, name, revision=commit, local_dir=weights_dir)
+        # Into a staging folder, then verified, then moved to its real name.
+        staging = weights_dir / ".cache" / "notus" / "xet"
+        hf_hub_download(REPO_ID, name, revision=commit, local_dir=staging)
+        _verify(staging / name, record, lfs, weights_dir, name)
+        (weights_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, weights_dir / name)
         return
     # The hash in the name: a partial of another version of the file is never resumed.
     digest = record.get("sha256") or record["git_sha1"]
@@ -175,8 +185,9 @@ def _fetch(name: str, commit: str, weights_dir: Path, record: dict) -> None:
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(partial, "ab") as f:  # appends after what an earlier run got
-            if f.tell() > record["size"]:
-                f.truncate(0)
+            if f.tell() > record["size"]:  # not a prefix of this file: start it over
+                f.seek(0)
+                f.truncate()
             if f.tell():
                 log.info("resuming %s at byte %d of %d", name, f.tell(), record["size"])
             # Resumes dropped connections itself (Range requests), and shows a progress bar.
@@ -188,6 +199,7 @@ def _fetch(name: str, commit: str, weights_dir: Path, record: dict) -> None:
             f"downloading {name} failed ({type(e).__name__}: {e}); {kept:,} of {record['size']:,} bytes "
             f"are kept in {partial}. Run `{DOWNLOAD_COMMAND} --dir {weights_dir}` again to resume."
         ) from e
+    _verify(partial, record, lfs, weights_dir, name)
     (weights_dir / name).parent.mkdir(parents=True, exist_ok=True)
     os.replace(partial, weights_dir / name)
 

@@ -50,6 +50,14 @@ def test_compiled_decode_step_gives_the_same_tokens_as_generate(tiny_weights):
     # The GPU path minus CUDA graphs: inductor compiles the decode step on the CPU too.
     compiled = Engine.load(tiny_weights, device="cpu", compile=True)
     compiled.warm_up()  # compiles both cache paths (before and after the window is full)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames > 0, "warm-up compiled nothing"
+    _assert_compiled_parity(compiled)
+    # After warm-up nothing compiles again: not per token, not per prompt length, not past the window.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+def _assert_compiled_parity(compiled: Engine) -> None:
     short = compiled.prompt.ids("", "Hello there")
     params = dict(max_new_tokens=60, min_new_tokens=60, **GREEDY)
     assert engine_ids(compiled, short, **params) == generate_reference(compiled, short, **params)
@@ -86,13 +94,19 @@ class TimedStats(GenerationStats):
 
 
 def test_per_token_cost_stays_flat_as_the_output_grows(engine):
-    stats = TimedStats()
-    params = SamplingParams(max_new_tokens=2100, min_new_tokens=2100, seed=3)
-    text = "".join(engine.stream("", "Write at length.", params, stats))
-    assert stats.output_token_count == 2100 and text
-    gaps = [b - a for a, b in zip(stats.times, stats.times[1:])]
-    early, late = statistics.median(gaps[10:110]), statistics.median(gaps[1950:2050])
-    assert late <= 1.2 * early, f"token ~2000 costs {late * 1e3:.2f} ms, token ~20 {early * 1e3:.2f} ms"
+    # Timing on a shared CPU is noisy: a real growth shows in every attempt, noise rarely in three.
+    ratios = []
+    for attempt in range(3):
+        stats = TimedStats()
+        params = SamplingParams(max_new_tokens=2100, min_new_tokens=2100, seed=3)
+        text = "".join(engine.stream("", "Write at length.", params, stats))
+        assert stats.output_token_count == 2100 and text
+        gaps = [b - a for a, b in zip(stats.times, stats.times[1:])]
+        early, late = statistics.median(gaps[10:210]), statistics.median(gaps[1900:2100])
+        ratios.append(late / early)
+        if late <= 1.2 * early:
+            return
+    pytest.fail(f"token ~2000 costs {min(ratios):.2f}x or more what token ~20 costs (attempts: {ratios})")
 
 
 def test_text_stream_cost_per_token_does_not_grow_with_the_text(engine):

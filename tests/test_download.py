@@ -13,7 +13,7 @@ from huggingface_hub import constants, file_download
 from conftest import Server, failed_setup_logs
 from fake_hub import HF_GET_ATTEMPTS, FakeHub
 from notus.checkpoint import check_checkpoint
-from notus.weights import MANIFEST, REPO_ID, DownloadError, download, file_digest
+from notus.weights import MANIFEST, REPO_ID, DownloadError, download, file_digest, missing_files
 
 COMMIT = "4d1e5c0de0000000000000000000000000000001"
 
@@ -90,6 +90,14 @@ def test_a_run_killed_mid_file_is_resumed_by_the_next_run(hub, tiny_weights, tmp
     assert (tmp_path / "weights" / second).read_bytes() == (tiny_weights / second).read_bytes()
     assert json.loads((tmp_path / "weights" / MANIFEST).read_text())["complete"]
     assert not list((tmp_path / "weights" / ".cache" / "notus").glob("*.partial"))
+
+
+def test_weights_of_an_interrupted_download_count_as_missing(hub, tiny_weights, tmp_path):
+    out = download(tmp_path / "weights")
+    assert missing_files(out) == []
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(manifest | {"complete": False}))
+    assert any("interrupted download" in m for m in missing_files(out))  # so setup downloads the rest
 
 
 def test_setup_downloads_missing_weights_then_serves(hub, tmp_path):
