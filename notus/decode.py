@@ -78,7 +78,8 @@ class Decoder:
         self.eos_id = eos_id
         self.max_length = max_length
         self.compile = self.device.type == "cuda" if compile is None else compile
-        self.cuda_graphs = False
+        self.compile_mode = COMPILE_MODE if self.compile else None
+        self.cuda_graphs = self.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         # Positions live on the device: slicing them per step needs no host-to-device copy.
         self.positions = torch.arange(max_length, device=self.device)
@@ -86,9 +87,7 @@ class Decoder:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(DEFAULT_COMPILE_CACHE))
             # transformers' compiled __call__ (what generate uses for static caches); dynamic=None
             # so the cache's step counter does not force a recompile per token.
-            self.step = model.get_compiled_call(CompileConfig(mode=COMPILE_MODE))
-            self.step_mode = COMPILE_MODE
-            self.cuda_graphs = COMPILE_MODE == "reduce-overhead" and self.device.type == "cuda"
+            self.step = model.get_compiled_call(CompileConfig(mode=self.compile_mode))
         else:
             self.step = model.__call__
         self._requests: queue.Queue = queue.Queue()
@@ -141,27 +140,14 @@ class Decoder:
         sample = r.temperature > 0
         reader = _TokenReader(self.device)
 
-        self.cache.reset()
-        logits = self.model(
-            input_ids=ids[:, :n], position_ids=self.positions[None, :n], cache_position=self.positions[:n],
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-        ).logits
-        token = _pick(processors, ids[:, :n], logits, sample)
+        token = _pick(processors, ids[:, :n], self._prefill(ids[:, :n]), sample)
         for i in range(r.max_new_tokens):
             ids[:, n + i] = token  # on the device: the penalties see the output so far
             reader.send(token)
             following = None
             if i + 1 < r.max_new_tokens and not r.stop.is_set():
                 # Queue the next step before reading this token: the GPU never waits on the host.
-                if self.cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                position = self.positions[n + i : n + i + 1]
-                logits = self.step(
-                    input_ids=token.view(1, 1), position_ids=position.view(1, 1), cache_position=position,
-                    past_key_values=self.cache, use_cache=True,
-                ).logits
-                following = _pick(processors, ids[:, : n + i + 1], logits, sample)
-                del logits  # the graph's output buffer is reused by the next replay
+                following = _pick(processors, ids[:, : n + i + 1], self._decode_step(token, n + i), sample)
             token_id = reader.receive()
             r.tokens.put(token_id)
             if token_id == self.eos_id or r.stop.is_set() or following is None:
@@ -172,26 +158,39 @@ class Decoder:
         """Seconds per bare decode step (model only: no sampling, no streaming), for the benchmark."""
 
         def measure() -> float:
-            self.cache.reset()
             ids = torch.full((1, prompt_length), self.eos_id, device=self.device)
-            p = self.positions[:prompt_length]
-            logits = self.model(input_ids=ids, position_ids=p[None], cache_position=p,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
-            token = logits[:, -1].argmax(-1)
-            _sync(self.device)
+            token = self._prefill(ids)[:, -1].argmax(-1)
+            synchronize(self.device)
             t0 = time.perf_counter()
             for i in range(steps):
-                if self.cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                position = self.positions[prompt_length + i : prompt_length + i + 1]
-                logits = self.step(input_ids=token.view(1, 1), position_ids=position.view(1, 1),
-                                   cache_position=position, past_key_values=self.cache, use_cache=True).logits
-                token = logits[:, -1].argmax(-1)
-                del logits
-            _sync(self.device)
+                token = self._decode_step(token, prompt_length + i)[:, -1].argmax(-1)
+            synchronize(self.device)
             return (time.perf_counter() - t0) / steps
 
         return self.call(measure)
+
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Empties the cache and runs the prompt through it (eagerly); the last position's logits."""
+        self.cache.reset()
+        positions = self.positions[: ids.shape[1]]
+        return self.model(
+            input_ids=ids, position_ids=positions[None], cache_position=positions,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+        ).logits
+
+    def _decode_step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """One compiled step: `token` at `position` into the cache; its logits.
+
+        With CUDA graphs the logits live in the graph's output buffer, which the next replay
+        overwrites: use them (as _pick does, by copying) before the next step and keep no reference.
+        """
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        cache_position = self.positions[position : position + 1]
+        return self.step(
+            input_ids=token.view(1, 1), position_ids=cache_position.view(1, 1), cache_position=cache_position,
+            past_key_values=self.cache, use_cache=True,
+        ).logits
 
     def _processors(self, r: DecodeRequest, prompt_length: int) -> LogitsProcessorList:
         """The processors model.generate would use for these settings, in its order."""
@@ -220,8 +219,9 @@ def _pick(processors: LogitsProcessorList, ids: torch.Tensor, logits: torch.Tens
     return torch.argmax(scores, dim=-1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the device's queued work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 

@@ -101,7 +101,7 @@ class Engine:
         self.device = model.device
         # The longest sequence the model takes: prompt plus new tokens.
         self.context_length = model.config.max_position_embeddings
-        # compile=None: compiled (CUDA graphs) on the GPU, eager on the CPU.
+        # compile=None: the decode step compiled on the GPU, eager on the CPU.
         self.decoder = Decoder(model, prompt.eos_id, self.context_length, compile=compile)
 
     @classmethod

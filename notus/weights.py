@@ -57,11 +57,8 @@ def missing_files(weights_dir: Path) -> list[str]:
         missing += [name for name in shards if not (weights_dir / name).is_file()]
     elif not list(weights_dir.glob("*.safetensors")):
         missing.append("the *.safetensors weight shards")
-    try:  # a download that was interrupted has files it did not verify yet
-        if json.loads((weights_dir / MANIFEST).read_text()).get("complete") is False:
-            missing.append(f"the rest of an interrupted download ({MANIFEST} says incomplete)")
-    except (OSError, ValueError):
-        pass
+    if _read_manifest(weights_dir).get("complete") is False:  # files it did not verify yet
+        missing.append(f"the rest of an interrupted download ({MANIFEST} says incomplete)")
     return missing
 
 
@@ -122,7 +119,8 @@ def download(weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, revision: str = REVI
     info = HfApi().model_info(REPO_ID, revision=revision, files_metadata=True)
     files = [s for s in info.siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOW_PATTERNS)]
     log.info("downloading %s at commit %s into %s", REPO_ID, info.sha, weights_dir)
-    earlier = _read_manifest(weights_dir, info.sha)
+    manifest = _read_manifest(weights_dir)
+    earlier = manifest.get("files", {}) if manifest.get("commit") == info.sha else {}
     verified: dict[str, dict] = {}
     for sibling in files:
         name, lfs = sibling.rfilename, sibling.lfs is not None
@@ -144,16 +142,23 @@ def download(weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, revision: str = REVI
     return weights_dir
 
 
+def _size_and_digest(path: Path, record: dict, lfs: bool) -> tuple[int | None, str | None]:
+    """The file's size, and its digest when the size is right (no point hashing otherwise)."""
+    size = path.stat().st_size if path.is_file() else None
+    return size, file_digest(path, lfs) if size == record["size"] else None
+
+
+def _expected_digest(record: dict) -> str:
+    return record.get("sha256") or record["git_sha1"]
+
+
 def _matches(path: Path, record: dict, lfs: bool) -> bool:
-    if not path.is_file() or path.stat().st_size != record["size"]:
-        return False
-    return file_digest(path, lfs) == record.get("sha256", record.get("git_sha1"))
+    return _size_and_digest(path, record, lfs)[1] == _expected_digest(record)
 
 
 def _verify(path: Path, record: dict, lfs: bool, weights_dir: Path, name: str) -> None:
-    size = path.stat().st_size if path.exists() else None
-    digest = file_digest(path, lfs) if size == record["size"] else None
-    expected = record["sha256"] if lfs else record["git_sha1"]
+    size, digest = _size_and_digest(path, record, lfs)
+    expected = _expected_digest(record)
     if digest != expected:
         path.unlink(missing_ok=True)  # so the next run fetches it again instead of keeping it
         raise DownloadError(
@@ -180,8 +185,7 @@ def _fetch(name: str, commit: str, weights_dir: Path, record: dict, lfs: bool) -
         os.replace(staging / name, weights_dir / name)
         return
     # The hash in the name: a partial of another version of the file is never resumed.
-    digest = record.get("sha256") or record["git_sha1"]
-    partial = weights_dir / ".cache" / "notus" / f"{name}.{digest}.partial"
+    partial = weights_dir / ".cache" / "notus" / f"{name}.{_expected_digest(record)}.partial"
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(partial, "ab") as f:  # appends after what an earlier run got
@@ -204,12 +208,12 @@ def _fetch(name: str, commit: str, weights_dir: Path, record: dict, lfs: bool) -
     os.replace(partial, weights_dir / name)
 
 
-def _read_manifest(weights_dir: Path, commit: str) -> dict[str, dict]:
+def _read_manifest(weights_dir: Path) -> dict:
+    """VERIFIED.json, or {} where there is none (or it cannot be read: then nothing counts as verified)."""
     try:
-        manifest = json.loads((weights_dir / MANIFEST).read_text())
+        return json.loads((weights_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
-    return manifest.get("files", {}) if manifest.get("commit") == commit else {}
 
 
 def _write_manifest(weights_dir: Path, commit: str, files: dict[str, dict], complete: bool) -> None:

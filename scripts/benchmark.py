@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer  # noqa: E402
 
+from notus.decode import synchronize  # noqa: E402
 from notus.engine import Engine, GenerationStats, SamplingParams  # noqa: E402
 from notus.loading import load_model  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
@@ -87,19 +88,14 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         dst.copy_(src)
-    sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - t0) / reps
     del src, dst
     return 2 * nbytes / seconds
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def reset_peak(device: str) -> None:
@@ -228,7 +224,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "compiled": engine.decoder.compile,
-        "compile_mode": engine.decoder.step_mode if engine.decoder.compile else None,
+        "compile_mode": engine.decoder.compile_mode,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
         "weight_bytes_per_token": bytes_per_token,

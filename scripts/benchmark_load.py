@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from notus.loading import read_into_page_cache  # noqa: E402
+
 
 def drop_from_page_cache(files: list[Path]) -> None:
     for path in files:
@@ -35,16 +37,6 @@ def drop_from_page_cache(files: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def read_seconds(files: list[Path]) -> float:
-    buffer = bytearray(64 * 1024 * 1024)
-    t0 = time.perf_counter()
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
-    return time.perf_counter() - t0
 
 
 def load_in_child(weights: Path, device: str | None) -> dict:
@@ -62,7 +54,6 @@ def load_in_child(weights: Path, device: str | None) -> dict:
         "phases = {}\n"
         "t0 = time.perf_counter()\n"
         f"model = load_model({str(weights)!r}, device={device!r}, phases=phases)\n"
-        "if model.device.type == 'cuda': torch.cuda.synchronize()\n"
         "seconds = time.perf_counter() - t0\n"
         "done.set(); peak[0] = max(peak[0], kb('RssAnon'))\n"
         "print(json.dumps({'load_seconds': seconds, **phases, 'host_anon_bytes_before': before * 1024,\n"
@@ -109,7 +100,7 @@ def main() -> None:
     total = sum(p.stat().st_size for p in files)
 
     drop_from_page_cache(files)
-    read = read_seconds(files)
+    read = read_into_page_cache(files)  # the same sequential read setup does first
     drop_from_page_cache(files)
     load = load_in_child(weights, args.device)
 
