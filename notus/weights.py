@@ -53,7 +53,10 @@ def missing_files(weights_dir: Path) -> list[str]:
         missing.append("tokenizer.json (or tokenizer.model)")
     index = weights_dir / "model.safetensors.index.json"
     if index.is_file():  # an interrupted download leaves some shards: the index names them all
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            shards = ["model.safetensors.index.json (unreadable)"]  # a download fetches it again
         missing += [name for name in shards if not (weights_dir / name).is_file()]
     elif not list(weights_dir.glob("*.safetensors")):
         missing.append("the *.safetensors weight shards")

@@ -100,6 +100,15 @@ def test_weights_of_an_interrupted_download_count_as_missing(hub, tiny_weights, 
     assert any("interrupted download" in m for m in missing_files(out))  # so setup downloads the rest
 
 
+def test_an_unreadable_index_counts_as_missing_and_is_fetched_again(hub, tiny_weights, tmp_path):
+    out = download(tmp_path / "weights")
+    (out / "model.safetensors.index.json").write_text("{ not json")
+    assert missing_files(out) == ["model.safetensors.index.json (unreadable)"]
+    download(out)
+    assert missing_files(out) == []
+    check_checkpoint(out)
+
+
 def test_setup_downloads_missing_weights_then_serves(hub, tmp_path):
     empty = tmp_path / "weights"
     empty.mkdir()
