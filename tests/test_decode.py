@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from notus.engine import Engine, GenerationStats, SamplingParams
+from notus.engine import Engine, GenerationStats
+from notus.params import SamplingParams
 from notus.stream import TextStream
 from test_engine import ForwardCounter
 
@@ -42,7 +43,7 @@ def test_greedy_across_the_sliding_window_equals_generate(engine):
     # notus's cache keeps the last 4,096 tokens: a prompt just under it makes the decode cross it.
     window = engine.model.config.sliding_window
     ids = long_prompt(engine, window - 10)
-    params = dict(max_new_tokens=30, min_new_tokens=30, **GREEDY)
+    params = dict(max_tokens=30, min_tokens=30, **GREEDY)
     assert engine_ids(engine, ids, **params) == generate_reference(engine, ids, **params)
 
 
@@ -59,12 +60,12 @@ def test_compiled_decode_step_gives_the_same_tokens_as_generate(tiny_weights):
 
 def _assert_compiled_parity(compiled: Engine) -> None:
     short = compiled.prompt.ids("", "Hello there")
-    params = dict(max_new_tokens=60, min_new_tokens=60, **GREEDY)
+    params = dict(max_tokens=60, min_tokens=60, **GREEDY)
     assert engine_ids(compiled, short, **params) == generate_reference(compiled, short, **params)
     crossing = long_prompt(compiled, compiled.model.config.sliding_window - 10)
-    params = dict(max_new_tokens=20, min_new_tokens=20, **GREEDY)
+    params = dict(max_tokens=20, min_tokens=20, **GREEDY)
     assert engine_ids(compiled, crossing, **params) == generate_reference(compiled, crossing, **params)
-    sampled = dict(max_new_tokens=40, min_new_tokens=10, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
+    sampled = dict(max_tokens=40, min_tokens=10, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1)
     ours = list(compiled._generate_ids(short, SamplingParams(**sampled), seed=5))
     torch.manual_seed(5)
     assert ours == generate_reference(compiled, short, **sampled)
@@ -72,7 +73,7 @@ def _assert_compiled_parity(compiled: Engine) -> None:
 
 def test_every_request_runs_on_one_long_lived_thread(engine):
     # CUDA graphs belong to the thread that captured them: all model calls must stay on one thread.
-    params = SamplingParams(max_new_tokens=4, min_new_tokens=4)
+    params = SamplingParams(max_tokens=4, min_tokens=4)
     with ForwardCounter(engine.model) as forwards:
         for _ in range(3):
             "".join(engine.stream("", "Hi", params))
@@ -98,7 +99,7 @@ def test_per_token_cost_stays_flat_as_the_output_grows(engine):
     ratios = []
     for attempt in range(3):
         stats = TimedStats()
-        params = SamplingParams(max_new_tokens=2100, min_new_tokens=2100, seed=3)
+        params = SamplingParams(max_tokens=2100, min_tokens=2100, seed=3)
         text = "".join(engine.stream("", "Write at length.", params, stats))
         assert stats.output_token_count == 2100 and text
         gaps = [b - a for a, b in zip(stats.times, stats.times[1:])]
@@ -111,7 +112,7 @@ def test_per_token_cost_stays_flat_as_the_output_grows(engine):
 
 def test_text_stream_cost_per_token_does_not_grow_with_the_text(engine):
     ids = long_prompt(engine, 2100)[1:]
-    stream = TextStream(engine.tokenizer, ["never appears \u2603"])
+    stream = TextStream(engine.token_bytes, ["never appears \u2603"])
     costs = []
     for token_id in ids:
         t0 = time.perf_counter()
