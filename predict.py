@@ -9,13 +9,28 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
+import cog
 from cog import BasePredictor, ConcatenateIterator, Input
 
 from notus.checkpoint import check_checkpoint
-from notus.engine import MAX_NEW_TOKENS_LIMIT, Engine, GenerationStats, SamplingParams
+from notus.engine import Engine, GenerationStats
+from notus.loading import pick_device
+from notus.params import (
+    CONTEXT_LENGTH,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_SEQUENCES_CHARS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    VOCAB_SIZE,
+    SamplingParams,
+    with_alias,
+)
 from notus.stream import parse_stop_sequences
 from notus.weights import DEFAULT_WEIGHTS_DIR, ensure_weights
 
@@ -26,68 +41,84 @@ class Predictor(BasePredictor):
     def setup(self, weights: Optional[str] = None) -> None:
         _log_to_stdout()
         t0 = time.perf_counter()
+        device = pick_device()  # before any download: a GPU image without a usable GPU fails now
         # Cog passes COG_WEIGHTS as `weights`; without it, the weights/ folder of this project.
         weights_dir = ensure_weights(weights or os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR)
         t_check = time.perf_counter()
         check_checkpoint(weights_dir)  # a broken file fails here, named, not deep inside the load
         log.info("checkpoint checked in %.2f s", time.perf_counter() - t_check)
-        self.engine = Engine.load(weights_dir)
+        self.engine = Engine.load(weights_dir, device)
         self.engine.warm_up()
         log.info("setup done in %.2f s", time.perf_counter() - t0)
         # Cog reads our stdout on another thread and closes the setup logs when setup returns:
         # a moment's pause keeps these last lines in them (seen missing without it).
         time.sleep(0.3)
 
+    @cog.streaming  # read by `cog build`: without it the built image refuses SSE (406)
     def predict(
         self,
-        prompt: str = Input(description="Your message to the assistant.", min_length=1),
+        prompt: str = Input(
+            description="Your message to the assistant.", min_length=1, max_length=MAX_PROMPT_CHARS,
+        ),
         system_prompt: str = Input(
-            default="",
+            default="", max_length=MAX_PROMPT_CHARS,
             description="Instructions that shape every reply (the chat's system message). "
             "Leave empty for none: the model was trained with an empty system turn in that case.",
         ),
-        max_new_tokens: int = Input(
-            default=512, ge=1, le=MAX_NEW_TOKENS_LIMIT,
+        max_tokens: int = Input(
+            default=DEFAULT_MAX_TOKENS, ge=1, le=CONTEXT_LENGTH,
             description="The most tokens to generate (a token is about 3/4 of a word). Lowered "
-            "automatically when the prompt plus this exceeds the 32,768-token context.",
+            f"automatically when the prompt plus this exceeds the {CONTEXT_LENGTH:,}-token context.",
         ),
-        min_new_tokens: int = Input(
-            default=0, ge=0, le=MAX_NEW_TOKENS_LIMIT,
-            description="The fewest tokens to generate: the end of the reply is held off until then.",
+        min_tokens: int = Input(
+            default=DEFAULT_MIN_TOKENS, ge=0, le=CONTEXT_LENGTH,
+            description="The fewest tokens to generate: the end of the reply is held off until then. "
+            "At most max_tokens.",
         ),
         temperature: float = Input(
-            default=0.7, ge=0.0, le=5.0,
+            default=0.7, ge=0.0, le=MAX_TEMPERATURE,
             description="Randomness of the reply: higher is more varied, lower more focused; "
             "0 always picks the most likely token (deterministic).",
         ),
         top_p: float = Input(
             default=0.95, ge=0.0, le=1.0,
             description="Nucleus sampling: sample only from the most likely tokens whose "
-            "probabilities add up to top_p. Must be above 0; 1 turns it off.",
+            "probabilities add up to top_p. 1 turns it off; 0 keeps only the most likely token.",
         ),
         top_k: int = Input(
-            default=50, ge=0,
+            default=50, ge=0, le=VOCAB_SIZE,
             description="Sample only from the top_k most likely tokens; 0 turns it off.",
         ),
         repetition_penalty: float = Input(
-            default=1.0, ge=0.0,
-            description="Penalise tokens already in the text: above 1 repeats less. Must be above 0; "
+            default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+            description="Penalise tokens already in the text: above 1 repeats less, below 1 more; "
             "1 turns it off.",
         ),
         stop_sequences: str = Input(
-            default="",
-            description="Comma-separated texts that end the reply, e.g. '<end>,<stop>'. "
-            "The reply stops right before the first one.",
+            default="", max_length=MAX_STOP_SEQUENCES_CHARS,
+            description="Texts that end the reply, separated by commas (so a stop sequence cannot "
+            "contain a comma), e.g. '<end>,<stop>'. Spaces around each are ignored: '<end>, <stop>' "
+            "is the same. The reply stops right before the first one found.",
         ),
         seed: Optional[int] = Input(
-            default=None,
-            description="Random seed for a repeatable reply. Leave empty for a random one "
-            "(the seed used is in the logs).",
+            default=None, ge=0, le=MAX_SEED,
+            description="Random seed (0 to 4294967295) for a repeatable reply. Leave empty for a "
+            "random one (the seed used is in the logs).",
+        ),
+        max_new_tokens: Optional[int] = Input(
+            default=None, ge=1, le=CONTEXT_LENGTH, deprecated=True,
+            description="Deprecated: the old name of max_tokens, still honoured. Send max_tokens "
+            "instead; giving both with different values fails the prediction.",
+        ),
+        min_new_tokens: Optional[int] = Input(
+            default=None, ge=0, le=CONTEXT_LENGTH, deprecated=True,
+            description="Deprecated: the old name of min_tokens, still honoured. Send min_tokens "
+            "instead; giving both with different values fails the prediction.",
         ),
     ) -> ConcatenateIterator[str]:
         params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            max_tokens=with_alias("max_tokens", max_tokens, DEFAULT_MAX_TOKENS, "max_new_tokens", max_new_tokens),
+            min_tokens=with_alias("min_tokens", min_tokens, DEFAULT_MIN_TOKENS, "min_new_tokens", min_new_tokens),
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,

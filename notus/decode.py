@@ -16,6 +16,10 @@ Why a hand-written loop instead of `model.generate` per request:
 
 Sampling uses transformers' own logits processors in generate's order, so every input keeps the
 meaning it has with `model.generate` (greedy gives the same tokens; a seed gives the same sample).
+Two guards keep every setting the schema accepts from putting NaN or inf into sampling (on a GPU
+that is a device-side assert that breaks every later request): temperature divides logits shifted
+so their maximum is 0 (a temperature of 1e-39 gives -inf for all but the best token, not inf), and
+a row with no finite score left (only a broken model's logits do that) samples uniformly.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import torch
 from transformers import StaticCache
 from transformers.generation import (
     CompileConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -203,7 +207,7 @@ class Decoder:
             )
         if r.temperature > 0:
             if r.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(r.temperature))
+                processors.append(ShiftedTemperature(r.temperature))
             if r.top_k != 0:
                 processors.append(TopKLogitsWarper(top_k=r.top_k, min_tokens_to_keep=1))
             if r.top_p < 1.0:
@@ -211,11 +215,41 @@ class Decoder:
         return processors
 
 
+class ShiftedTemperature(LogitsProcessor):
+    """generate's temperature, safe for any temperature above 0.
+
+    softmax((x - max x) / t) is softmax(x / t), but the shifted scores are all <= 0: dividing them
+    by a tiny t gives 0 for the best token and -inf for the rest, never inf - inf = NaN.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature
+
+
+def processed_scores(processors: LogitsProcessorList, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The last position's logits in float32 through the processors: finite numbers or -inf only."""
+    scores = _finite_or_minus_inf(logits[:, -1].to(copy=True, dtype=torch.float32))
+    return _finite_or_minus_inf(processors(ids, scores))
+
+
+def sampling_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """softmax(scores); a row without a single finite score (a broken model) becomes uniform."""
+    probs = torch.softmax(scores, dim=-1)
+    return torch.where(probs.isnan().any(dim=-1, keepdim=True), 1.0 / probs.shape[-1], probs)
+
+
+def _finite_or_minus_inf(scores: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
+
+
 def _pick(processors: LogitsProcessorList, ids: torch.Tensor, logits: torch.Tensor, sample: bool) -> torch.Tensor:
     """The next token, shape [1], left on the device (no host synchronisation)."""
-    scores = processors(ids, logits[:, -1].to(copy=True, dtype=torch.float32))
+    scores = processed_scores(processors, ids, logits)
     if sample:
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return torch.multinomial(sampling_probabilities(scores), num_samples=1).squeeze(1)
     return torch.argmax(scores, dim=-1)
 
 

@@ -3,7 +3,7 @@
 `Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
 them. The tokens come from the decode thread (notus/decode.py) over a queue; as soon as the
 consumer stops (stop sequence, cancel, error) the decode thread is told and stops at the next step,
-so the GPU goes idle within a token or two, not at max_new_tokens.
+so the GPU goes idle within a token or two, not at max_tokens.
 """
 
 from __future__ import annotations
@@ -16,47 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from transformers import GenerationConfig
 
 from notus.decode import DecodeRequest, Decoder
 from notus.loading import load_model
+from notus.params import MAX_PROMPT_CHARS, SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
-from notus.stream import TextStream
+from notus.stream import TextStream, TokenBytes
 
 log = logging.getLogger("notus")
-
-MAX_NEW_TOKENS_LIMIT = 32768
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's generation settings, with the meaning the Cog inputs document."""
-
-    max_new_tokens: int = 512
-    min_new_tokens: int = 0
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.95
-    top_k: int = 50  # 0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    stop_sequences: tuple[str, ...] = ()
-    seed: int | None = None  # None = pick one (and log it)
-
-    def validate(self) -> None:
-        """Clear errors naming the limit and the value (the HTTP schema checks most of these too)."""
-        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
-        _check(0 <= self.min_new_tokens <= MAX_NEW_TOKENS_LIMIT, f"min_new_tokens must be between 0 and {MAX_NEW_TOKENS_LIMIT}, got {self.min_new_tokens}")
-        _check(self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
-        _check(0 <= self.temperature <= 5, f"temperature must be between 0 and 5, got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be above 0 and at most 1, got {self.top_p}")
-        _check(self.top_k >= 0, f"top_k must be 0 (off) or more, got {self.top_k}")
-        _check(self.repetition_penalty > 0, f"repetition_penalty must be above 0, got {self.repetition_penalty}")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
 
 @dataclass
 class GenerationStats:
@@ -98,6 +66,7 @@ class Engine:
         self.model = model
         self.prompt = prompt
         self.tokenizer = prompt.tokenizer
+        self.token_bytes = TokenBytes(self.tokenizer)
         self.device = model.device
         # The longest sequence the model takes: prompt plus new tokens.
         self.context_length = model.config.max_position_embeddings
@@ -122,17 +91,17 @@ class Engine:
         also crosses the sliding window (the cache's second code path).
         """
         t0 = time.perf_counter()
-        sampled = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
+        sampled = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
                                  repetition_penalty=1.1, seed=0)
         for _ in self.stream("", "Hello", sampled):
             pass
-        for _ in self.stream("", "Hello", SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0)):
+        for _ in self.stream("", "Hello", SamplingParams(max_tokens=8, min_tokens=8, temperature=0)):
             pass
         window = getattr(self.model.config, "sliding_window", None)
         if self.decoder.compile and window and window + 8 < self.context_length:
             filler = self.prompt.ids("", "Hello")[-2]  # any ordinary token
             ids = [self.prompt.bos_id] + [filler] * (window - 8)
-            for _ in self._generate_ids(ids, SamplingParams(max_new_tokens=16, min_new_tokens=16, temperature=0), 0):
+            for _ in self._generate_ids(ids, SamplingParams(max_tokens=16, min_tokens=16, temperature=0), 0):
                 pass
         log.info("warm-up done in %.2f s (%s)", time.perf_counter() - t0,
                  ("decode step compiled" + (", CUDA graphs captured" if self.decoder.cuda_graphs else ""))
@@ -144,6 +113,10 @@ class Engine:
         """Text chunks of the reply, as soon as each is complete. Fills `stats` as it goes."""
         if not prompt:
             raise ValueError("prompt must not be empty")
+        for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
+            if len(text) > MAX_PROMPT_CHARS:  # longer than any text that fits the context: don't tokenize it
+                raise ValueError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} can fit "
+                                 f"the {self.context_length:,}-token context")
         yield from self.stream_ids(self.prompt.ids(system_prompt, prompt), params, stats)
 
     def stream_ids(
@@ -158,7 +131,7 @@ class Engine:
         stats.seed = seed
         log.info("seed: %d", seed)
 
-        text = TextStream(self.tokenizer, list(params.stop_sequences))
+        text = TextStream(self.token_bytes, list(params.stop_sequences))
         token_ids = self._generate_ids(input_ids, params, seed)
         try:
             for token_id in token_ids:
@@ -182,19 +155,19 @@ class Engine:
                 f"notus-7b-v1 takes at most {self.context_length:,} tokens in all, so the prompt can be "
                 f"at most {self.context_length - 1:,} tokens. Shorten the prompt."
             )
-        if params.max_new_tokens <= room:
+        if params.max_tokens <= room:
             return params
         log.info(
-            "max_new_tokens lowered from %d to %d: the prompt is %d tokens and the context holds %d",
-            params.max_new_tokens, room, prompt_tokens, self.context_length,
+            "max_tokens lowered from %d to %d: the prompt is %d tokens and the context holds %d",
+            params.max_tokens, room, prompt_tokens, self.context_length,
         )
-        return replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+        return replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         sample = params.temperature > 0
         return GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.min_new_tokens or None,
+            max_new_tokens=params.max_tokens,
+            min_new_tokens=params.min_tokens or None,
             do_sample=sample,
             temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None,
@@ -210,8 +183,8 @@ class Engine:
         """Token ids as the model makes them; leaving the loop early stops the model."""
         request = self.decoder.submit(DecodeRequest(
             input_ids=input_ids,
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.min_new_tokens,
+            max_new_tokens=params.max_tokens,
+            min_new_tokens=params.min_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,

@@ -10,7 +10,7 @@ For each prompt length (128 and 2048 tokens by default), after a warm-up, it run
             (what Cog's examples do);
   project   Engine.stream_ids: the code Predictor.predict runs (decode thread, static cache,
             compiled step on the GPU, streaming text).
-Every run generates exactly --new-tokens tokens (min_new_tokens = max_new_tokens), greedy.
+Every run generates exactly --new-tokens tokens (min_tokens = max_tokens), greedy.
 
 Reported per path: time to first token (median), decode tokens/s (median, tokens after the first),
 share of memory bandwidth (bytes read per token x tokens/s / the bandwidth a device-to-device copy
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -33,30 +32,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer  # noqa: E402
 
 from notus.decode import synchronize  # noqa: E402
-from notus.engine import Engine, GenerationStats, SamplingParams  # noqa: E402
+from notus.engine import Engine, GenerationStats  # noqa: E402
 from notus.loading import load_model  # noqa: E402
+from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
+from random_checkpoint import write_small_files, write_tiny  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
-    """A folder with notus's tokenizer: the checkpoint's, else weights/ plus mistral-common's copy."""
+    """A folder with notus's tokenizer: the checkpoint's, else notus's small files (scripts/random_checkpoint.py)."""
     if weights is not None:
         return weights
-    if (REPO / "weights" / "tokenizer.model").exists() or (REPO / "weights" / "tokenizer.json").exists():
-        return REPO / "weights"
-    import mistral_common  # dev dependency; ships Mistral-7B-v0.1's tokenizer.model, byte-identical
-
-    out = Path(tempfile.mkdtemp(prefix="notus-tokenizer-"))
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(REPO / "weights" / name, out / name)
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", out / "tokenizer.model")
-    return out
+    return write_small_files(Path(tempfile.mkdtemp(prefix="notus-tokenizer-")))
 
 
 def build_model(args):
@@ -64,11 +58,8 @@ def build_model(args):
     if args.weights:
         return load_model(args.weights, args.device), f"notus-7b-v1 weights from {args.weights}"
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny_model import build_tiny_notus
-
-        tiny = build_tiny_notus(Path(tempfile.mkdtemp(prefix="notus-tiny-")))
-        return load_model(tiny, args.device), "tiny random notus (tests/tiny_model.py), float32"
+        tiny = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-")))
+        return load_model(tiny, args.device), "tiny random notus (scripts/random_checkpoint.py), float32"
     config = AutoConfig.from_pretrained(REPO / "weights")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
@@ -127,7 +118,7 @@ def run_baseline(engine: Engine, ids: list[int], new_tokens: int) -> dict:
     """Plain generate in a new thread, text through TextIteratorStreamer, as Cog's examples do."""
     model, device = engine.model, engine.device
     streamer = _TimedStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    config = engine.generation_config(SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0))
+    config = engine.generation_config(SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0))
     inputs = torch.tensor([ids], device=device)
     t0 = time.perf_counter()
     worker = threading.Thread(target=model.generate, kwargs=dict(
@@ -143,7 +134,7 @@ def run_baseline(engine: Engine, ids: list[int], new_tokens: int) -> dict:
 def run_project(engine: Engine, ids: list[int], new_tokens: int) -> dict:
     """The path Predictor.predict runs: Engine.stream_ids."""
     stats = GenerationStats()
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0, seed=0)
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, seed=0)
     text = "".join(engine.stream_ids(ids, params, stats))
     end = time.perf_counter()
     first = stats._start + stats.time_to_first_token

@@ -117,7 +117,7 @@ def test_setup_downloads_missing_weights_then_serves(hub, tmp_path):
         logs = server.health()["setup"]["logs"]
         assert "downloading" in logs and COMMIT in logs
         assert (empty / MANIFEST).exists()
-        assert server.predict(prompt="Hi", max_new_tokens=3).json()["status"] == "succeeded"
+        assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
     finally:
         server.stop()
 

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from notus.engine import GenerationStats, SamplingParams
+from notus.engine import GenerationStats
+from notus.params import SamplingParams
 
 EOS = 2
 
@@ -33,15 +34,15 @@ def plain_generate(engine, prompt: str, seed: int, **params) -> list[int]:
 
 
 def test_greedy_equals_plain_generate(engine):
-    text, stats = reply(engine, "Hello there", temperature=0, max_new_tokens=60)
-    expected = plain_generate(engine, "Hello there", seed=0, temperature=0, max_new_tokens=60)
+    text, stats = reply(engine, "Hello there", temperature=0, max_tokens=60)
+    expected = plain_generate(engine, "Hello there", seed=0, temperature=0, max_tokens=60)
     assert stats.output_token_count == len(expected)
     assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("seed", [1, 7])
 def test_sampling_equals_plain_generate_with_the_same_seed(engine, seed):
-    params = dict(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_new_tokens=80, min_new_tokens=10)
+    params = dict(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_tokens=80, min_tokens=10)
     text, stats = reply(engine, "Sample please", seed=seed, **params)
     expected = plain_generate(engine, "Sample please", seed=seed, **params)
     assert stats.output_token_count == len(expected)
@@ -49,60 +50,60 @@ def test_sampling_equals_plain_generate_with_the_same_seed(engine, seed):
 
 
 def test_same_seed_same_text_and_other_seed_other_text(engine):
-    a, _ = reply(engine, seed=123, max_new_tokens=40, min_new_tokens=40)
-    b, _ = reply(engine, seed=123, max_new_tokens=40, min_new_tokens=40)
-    c, _ = reply(engine, seed=124, max_new_tokens=40, min_new_tokens=40)
+    a, _ = reply(engine, seed=123, max_tokens=40, min_tokens=40)
+    b, _ = reply(engine, seed=123, max_tokens=40, min_tokens=40)
+    c, _ = reply(engine, seed=124, max_tokens=40, min_tokens=40)
     assert a == b and a != c
 
 
 def test_temperature_zero_is_deterministic_without_a_seed(engine):
-    a, sa = reply(engine, temperature=0, max_new_tokens=40)
-    b, sb = reply(engine, temperature=0, max_new_tokens=40)
+    a, sa = reply(engine, temperature=0, max_tokens=40)
+    b, sb = reply(engine, temperature=0, max_tokens=40)
     assert a == b and sa.seed != sb.seed
 
 
 def test_seed_is_logged_when_picked(engine, caplog):
     with caplog.at_level(logging.INFO, logger="notus"):
-        _, stats = reply(engine, max_new_tokens=2)
+        _, stats = reply(engine, max_tokens=2)
     assert f"seed: {stats.seed}" in caplog.text
 
 
 def test_generation_ends_at_eos_and_eos_is_not_in_the_text(engine):
     ended_early = []
     for seed in range(6):
-        text, stats = reply(engine, seed=seed, max_new_tokens=300)
+        text, stats = reply(engine, seed=seed, max_tokens=300)
         assert "</s>" not in text
         if stats.output_token_count < 300:
             ended_early.append(seed)
     assert ended_early, "the tiny model emits EOS now and then; no run ended at EOS"
 
 
-def test_min_new_tokens_holds_off_eos(engine):
+def test_min_tokens_holds_off_eos(engine):
     for seed in range(3):
-        expected = plain_generate(engine, "Tell me a story.", seed=seed, max_new_tokens=300)
+        expected = plain_generate(engine, "Tell me a story.", seed=seed, max_tokens=300)
         if EOS in expected:
             break
     first_eos = expected.index(EOS) + 1
-    _, stats = reply(engine, seed=seed, max_new_tokens=300, min_new_tokens=first_eos + 20)
+    _, stats = reply(engine, seed=seed, max_tokens=300, min_tokens=first_eos + 20)
     assert stats.output_token_count >= first_eos + 20
 
 
-def test_max_new_tokens_is_exact(engine):
-    _, stats = reply(engine, seed=3, max_new_tokens=25, min_new_tokens=25)
+def test_max_tokens_is_exact(engine):
+    _, stats = reply(engine, seed=3, max_tokens=25, min_tokens=25)
     assert stats.output_token_count == 25
 
 
 def test_stop_sequence_ends_generation_right_before_it(engine):
-    full, full_stats = reply(engine, seed=5, max_new_tokens=120, min_new_tokens=120)
+    full, full_stats = reply(engine, seed=5, max_tokens=120, min_tokens=120)
     stop = full[len(full) // 2 : len(full) // 2 + 6]
     assert stop.strip(), "pick a stop sequence with visible text"
-    text, stats = reply(engine, seed=5, max_new_tokens=120, min_new_tokens=120, stop_sequences=(stop,))
+    text, stats = reply(engine, seed=5, max_tokens=120, min_tokens=120, stop_sequences=(stop,))
     assert text == full[: full.index(stop)]
     assert stats.output_token_count < full_stats.output_token_count
 
 
 def test_metrics(engine):
-    _, stats = reply(engine, seed=1, max_new_tokens=20, min_new_tokens=20)
+    _, stats = reply(engine, seed=1, max_tokens=20, min_tokens=20)
     metrics = stats.metrics()
     assert metrics["input_token_count"] == len(engine.prompt.ids("", "Tell me a story."))
     assert metrics["output_token_count"] == 20
@@ -131,31 +132,37 @@ class ForwardCounter:
 def test_prompt_too_long_fails_before_generating(engine):
     prompt = "hello " * 33000
     with ForwardCounter(engine.model) as forwards, pytest.raises(ValueError) as error:
-        reply(engine, prompt, max_new_tokens=10)
+        reply(engine, prompt, max_tokens=10)
     n = len(engine.prompt.ids("", prompt))
     assert f"{n:,} tokens" in str(error.value) and "32,768" in str(error.value)
     assert forwards.calls == 0
 
 
-def test_max_new_tokens_is_lowered_to_fit_the_context(engine, caplog, monkeypatch):
+def test_max_tokens_is_lowered_to_fit_the_context(engine, caplog, monkeypatch):
     # A short context stands in for 32,768 so the test stays fast on a CPU.
     prompt_tokens = len(engine.prompt.ids("", "Tell me a story."))
     monkeypatch.setattr(engine, "context_length", prompt_tokens + 30)
     with caplog.at_level(logging.INFO, logger="notus"):
-        _, stats = reply(engine, seed=2, max_new_tokens=500, min_new_tokens=500)
+        _, stats = reply(engine, seed=2, max_tokens=500, min_tokens=500)
     assert stats.output_token_count == 30
-    assert "max_new_tokens lowered from 500 to 30" in caplog.text
+    assert "max_tokens lowered from 500 to 30" in caplog.text
 
 
 @pytest.mark.parametrize(
     "params,message",
     [
-        (dict(top_p=0.0), "top_p must be above 0 and at most 1, got 0.0"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be above 0, got 0.0"),
-        (dict(max_new_tokens=10, min_new_tokens=11), "min_new_tokens (11) must not exceed max_new_tokens (10)"),
-        (dict(max_new_tokens=0), "max_new_tokens must be between 1 and 32768, got 0"),
+        (dict(top_p=1.5), "top_p must be between 0 and 1, got 1.5"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be between 0.01 and 5, got 0.0"),
+        (dict(max_tokens=10, min_tokens=11), "min_tokens (11) must not exceed max_tokens (10)"),
+        (dict(max_tokens=0), "max_tokens must be between 1 and 32768, got 0"),
         (dict(temperature=5.5), "temperature must be between 0 and 5, got 5.5"),
-        (dict(top_k=-1), "top_k must be 0 (off) or more, got -1"),
+        (dict(top_k=-1), "top_k must be between 0 (off) and 32000, got -1"),
+        (dict(top_k=32001), "top_k must be between 0 (off) and 32000, got 32001"),
+        (dict(seed=2**32), "seed must be between 0 and 4294967295, got 4294967296"),
+        (dict(seed=-1), "seed must be between 0 and 4294967295, got -1"),
+        (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
+        (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+        (dict(temperature="2"), "temperature must be a finite number, got '2'"),
     ],
 )
 def test_bad_settings_get_clear_errors(engine, params, message):
@@ -169,7 +176,7 @@ def test_empty_prompt_is_refused(engine):
 
 
 def test_leaving_the_stream_stops_the_model(engine):
-    stream = engine.stream("", "Go on forever", SamplingParams(max_new_tokens=32000, min_new_tokens=32000, seed=1))
+    stream = engine.stream("", "Go on forever", SamplingParams(max_tokens=32000, min_tokens=32000, seed=1))
     for _, _ in zip(range(5), stream):
         pass
     with ForwardCounter(engine.model) as forwards:
@@ -179,7 +186,7 @@ def test_leaving_the_stream_stops_the_model(engine):
         after_close = forwards.calls
         time.sleep(0.3)
         assert forwards.calls == after_close <= 1  # at most the step already queued, then nothing
-    text, _ = reply(engine, seed=1, max_new_tokens=5)  # and the next request runs normally
+    text, _ = reply(engine, seed=1, max_tokens=5)  # and the next request runs normally
     assert text
 
 
@@ -192,3 +199,20 @@ def test_require_weights_names_what_is_missing_and_the_fix(tmp_path, tiny_weight
     message = str(error.value)
     assert str(tmp_path) in message and "config.json" in message and "safetensors" in message
     assert "python scripts/download_weights.py" in message and "COG_WEIGHTS" in message
+
+
+def test_the_device_is_cuda_unless_the_cpu_is_asked_for(monkeypatch):
+    from notus.loading import pick_device
+
+    monkeypatch.setenv("NOTUS_DEVICE", "cpu")
+    assert pick_device() == "cpu"
+    assert pick_device("cpu") == "cpu"
+    monkeypatch.setenv("NOTUS_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="NOTUS_DEVICE must be cuda or cpu, got 'tpu'"):
+        pick_device()
+    monkeypatch.delenv("NOTUS_DEVICE")
+    if torch.cuda.is_available():
+        assert pick_device() == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="No usable CUDA device.*set NOTUS_DEVICE=cpu"):
+            pick_device()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from conftest import failed_setup_logs
-from notus.engine import SamplingParams
+from notus.params import MAX_PROMPT_CHARS, MAX_SEED, SamplingParams
 
 
 def test_health_is_ready_and_setup_logs_its_phases(server):
@@ -31,25 +33,34 @@ def test_schema_describes_every_input_with_its_limits(server):
     assert inputs["required"] == ["prompt"]
     props = inputs["properties"]
     assert sorted(props, key=lambda name: props[name]["x-order"]) == [
-        "prompt", "system_prompt", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k",
-        "repetition_penalty", "stop_sequences", "seed",
+        "prompt", "system_prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
+        "repetition_penalty", "stop_sequences", "seed", "max_new_tokens", "min_new_tokens",
     ]
     assert all(p.get("description") for p in props.values())
-    assert props["max_new_tokens"].items() >= {"type": "integer", "default": 512, "minimum": 1, "maximum": 32768}.items()
+    assert props["prompt"]["maxLength"] == props["system_prompt"]["maxLength"] == MAX_PROMPT_CHARS
+    assert props["max_tokens"].items() >= {"type": "integer", "default": 512, "minimum": 1, "maximum": 32768}.items()
+    assert props["min_tokens"].items() >= {"type": "integer", "default": 0, "minimum": 0, "maximum": 32768}.items()
     assert props["temperature"].items() >= {"type": "number", "default": 0.7, "minimum": 0, "maximum": 5}.items()
-    assert props["top_p"].items() >= {"default": 0.95, "maximum": 1}.items()
-    assert props["seed"]["nullable"] is True and "default" not in props["seed"]
+    assert props["top_p"].items() >= {"default": 0.95, "minimum": 0, "maximum": 1}.items()
+    assert props["top_k"].items() >= {"default": 50, "minimum": 0, "maximum": 32000}.items()
+    assert props["repetition_penalty"].items() >= {"default": 1, "minimum": 0.01, "maximum": 5}.items()
+    assert props["seed"].items() >= {"nullable": True, "minimum": 0, "maximum": 2**32 - 1}.items()
+    assert "default" not in props["seed"]
+    for old in ("max_new_tokens", "min_new_tokens"):
+        assert props[old]["deprecated"] is True and props[old]["nullable"] is True and "default" not in props[old]
+    assert not any(props[name].get("deprecated") for name in props if name not in ("max_new_tokens", "min_new_tokens"))
+    assert "comma" in props["stop_sequences"]["description"] and "Spaces around" in props["stop_sequences"]["description"]
     output = schema["components"]["schemas"]["Output"]
     assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
 
 
 def test_sync_prediction_matches_the_engine(server, engine):
-    inputs = dict(prompt="Hello there", system_prompt="Be brief.", max_new_tokens=30, seed=42)
+    inputs = dict(prompt="Hello there", system_prompt="Be brief.", max_tokens=30, seed=42)
     response = server.predict(**inputs)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body
-    expected = "".join(engine.stream("Be brief.", "Hello there", SamplingParams(max_new_tokens=30, seed=42)))
+    expected = "".join(engine.stream("Be brief.", "Hello there", SamplingParams(max_tokens=30, seed=42)))
     assert "".join(body["output"]) == expected
     assert "seed: 42" in body["logs"]
     metrics = body["metrics"]
@@ -70,7 +81,7 @@ def sse_events(response) -> list[tuple[str, dict]]:
 
 
 def test_sse_streams_each_chunk(server):
-    inputs = dict(prompt="Stream it", max_new_tokens=25, min_new_tokens=25, seed=9)
+    inputs = dict(prompt="Stream it", max_tokens=25, min_tokens=25, seed=9)
     response = server.predict(headers={"Accept": "text/event-stream"}, **inputs)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response)
@@ -84,9 +95,11 @@ def test_sse_streams_each_chunk(server):
 @pytest.mark.parametrize(
     "inputs,field",
     [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 32769}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 32769}, "min_tokens"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"max_new_tokens": 32769}, "max_new_tokens"),
-        ({"min_new_tokens": -1}, "min_new_tokens"),
         ({"min_new_tokens": 32769}, "min_new_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 5.1}, "temperature"),
@@ -94,10 +107,22 @@ def test_sse_streams_each_chunk(server):
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": -0.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
-        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"top_k": 1e30}, "top_k"),
+        ({"top_k": 2**64}, "top_k"),
+        ({"top_k": 32001}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 5.5}, "repetition_penalty"),
         ({"seed": "abc"}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -10**20}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": MAX_SEED + 1}, "seed"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": None}, "prompt"),
+        ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+        ({"system_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "system_prompt"),
+        ({"stop_sequences": "x" * 1001}, "stop_sequences"),
     ],
 )
 def test_out_of_range_input_is_422_naming_the_field(server, inputs, field):
@@ -110,28 +135,66 @@ def test_out_of_range_input_is_422_naming_the_field(server, inputs, field):
 
 
 @pytest.mark.parametrize(
+    "inputs",
+    [
+        dict(temperature=1e-39), dict(top_k=32000, temperature=5), dict(top_p=0), dict(top_k=3.0),
+        dict(seed=MAX_SEED), dict(seed=0), dict(repetition_penalty=0.01), dict(repetition_penalty=5),
+        dict(max_tokens=1e1), dict(stop_sequences="x" * 1000),
+    ],
+)
+def test_every_value_the_schema_accepts_works(server, inputs):
+    body = server.predict(prompt="Hi", **{"max_tokens": 8, **inputs}).json()
+    assert body["status"] == "succeeded", body
+    assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("name,value", [("temperature", 2), ("repetition_penalty", 2), ("top_p", 1)])
+def test_an_integer_where_a_float_is_expected_works_exactly_like_the_float(server, name, value):
+    as_int = server.predict(prompt="Hi", max_tokens=20, seed=5, **{name: value}).json()
+    as_float = server.predict(prompt="Hi", max_tokens=20, seed=5, **{name: float(value)}).json()
+    assert as_int["status"] == as_float["status"] == "succeeded", as_int
+    assert as_int["output"] == as_float["output"]
+
+
+def test_deprecated_aliases_still_work(server):
+    old = server.predict(prompt="Hi", max_new_tokens=7, min_new_tokens=7, seed=3).json()
+    new = server.predict(prompt="Hi", max_tokens=7, min_tokens=7, seed=3).json()
+    both = server.predict(prompt="Hi", max_tokens=7, max_new_tokens=7, min_tokens=7, min_new_tokens=7, seed=3).json()
+    assert old["status"] == new["status"] == both["status"] == "succeeded", old
+    assert old["output"] == new["output"] == both["output"]
+    assert old["metrics"]["output_token_count"] == 7
+
+
+@pytest.mark.parametrize(
     "inputs,message",
     [
-        ({"top_p": 0}, "top_p must be above 0"),
-        ({"repetition_penalty": 0}, "repetition_penalty must be above 0"),
-        ({"max_new_tokens": 5, "min_new_tokens": 6}, "min_new_tokens (6) must not exceed max_new_tokens (5)"),
+        ({"max_tokens": 10, "max_new_tokens": 20},
+         "max_tokens (10) and its deprecated alias max_new_tokens (20) disagree: send only max_tokens"),
+        ({"min_tokens": 2, "min_new_tokens": 3},
+         "min_tokens (2) and its deprecated alias min_new_tokens (3) disagree: send only min_tokens"),
+        ({"max_tokens": 5, "min_tokens": 6}, "min_tokens (6) must not exceed max_tokens (5)"),
+        ({"max_new_tokens": 5, "min_new_tokens": 6}, "min_tokens (6) must not exceed max_tokens (5)"),
     ],
 )
 def test_bad_combinations_fail_clearly_and_the_server_stays_healthy(server, inputs, message):
     body = server.predict(prompt="Hi", **inputs).json()
-    assert body["status"] == "failed" and message in body["error"]
+    assert body["status"] == "failed" and message in body["error"], body
     assert server.wait_ready()["status"] == "READY"
-    assert server.predict(prompt="Hi", max_new_tokens=3).json()["status"] == "succeeded"
+    assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
 
 def test_too_long_prompt_fails_with_its_token_count(server, engine):
-    prompt = "word " * 33000
-    body = server.predict(prompt=prompt, max_new_tokens=10).json()
+    # At the schema's character limit (it lets through what might be a prompt of long tokens): the
+    # context refuses it, quickly, with the count.
+    prompt = "word " * (MAX_PROMPT_CHARS // 5)
+    t0 = time.monotonic()
+    body = server.predict(prompt=prompt, max_tokens=10).json()
     n = len(engine.prompt.ids("", prompt))
     assert body["status"] == "failed", body
     assert f"{n:,} tokens" in body["error"] and "32,768" in body["error"]
+    assert time.monotonic() - t0 < 30
     assert server.wait_ready()["status"] == "READY"
-    assert server.predict(prompt="Hi", max_new_tokens=3).json()["status"] == "succeeded"
+    assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
 
 class _Webhooks(BaseHTTPRequestHandler):
@@ -158,7 +221,7 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
         response = requests.put(
             f"{server.url}/predictions/cancel-me",
             json={
-                "input": {"prompt": "Go on forever", "max_new_tokens": 32768, "min_new_tokens": 32768, "seed": 1},
+                "input": {"prompt": "Go on forever", "max_tokens": 32768, "min_tokens": 32768, "seed": 1},
                 "webhook": f"http://127.0.0.1:{hooks.server_port}/hook",
                 "webhook_events_filter": ["output", "completed"],
             },
@@ -183,7 +246,7 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
         time.sleep(1.5)
         assert cpu_seconds(worker) - idle_start < 0.2  # the generation itself stopped, not only the stream
         assert server.wait_ready()["status"] == "READY"
-        assert server.predict(prompt="Hi", max_new_tokens=3).json()["status"] == "succeeded"
+        assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
     finally:
         hooks.shutdown()
 
@@ -193,3 +256,19 @@ def test_missing_weights_fail_setup_naming_the_download_command(tmp_path):
     empty.mkdir()
     logs = failed_setup_logs(empty, tmp_path / "server.log")
     assert f"python scripts/download_weights.py --dir {empty}" in logs
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or "NOTUS_DEVICE" in os.environ, reason="needs a machine without a GPU")
+def test_serve_asks_for_the_cpu_itself_and_says_so(server):
+    assert "no usable CUDA device, so NOTUS_DEVICE=cpu" in server.log_path.read_text()
+    assert "Running on the CPU in float32 (NOTUS_DEVICE=cpu)" in server.health()["setup"]["logs"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_without_a_usable_gpu_the_built_image_fails_setup_naming_the_cause(tiny_weights, tmp_path):
+    # The built image sets no NOTUS_DEVICE: it wants CUDA, as NOTUS_DEVICE=cuda does here.
+    logs = failed_setup_logs(tiny_weights, tmp_path / "server.log", env={"NOTUS_DEVICE": "cuda"})
+    assert "No usable CUDA device" in logs and f"torch {torch.__version__}" in logs
+    assert "Torch not compiled with CUDA enabled" in logs  # torch's own reason, on this CPU-only build
+    assert "set NOTUS_DEVICE=cpu" in logs
+    assert "weights read from disk" not in logs  # failed before loading (or downloading) anything
