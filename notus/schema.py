@@ -4,12 +4,19 @@ The Cog HTTP server validates inputs (422 with the reason) and allows SSE stream
 file exists; `cog build` writes it with Go code we cannot run without Docker. This mirrors that
 code's output (cog's pkg/schema/openapi_spec.go) from cog's own inspection of the predictor, so
 `scripts/serve` behaves like the built image.
+
+Streaming (`x-cog-streaming`) is decided as the builder decides it (pkg/schema/python/annotations.go):
+from the source, where the predict method must be decorated with `@cog.streaming` (or `streaming`
+imported from cog). The decorator does nothing at run time, so only reading the source shows that
+it is missing, here in our tests instead of as 406s after `cog push`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,8 @@ def input_schema(info) -> dict[str, Any]:
             prop["pattern"] = field.regex
         if field.choices:
             raise NotImplementedError("choices are not used by this predictor")
+        if field.deprecated:
+            prop["deprecated"] = True
         properties[name] = prop
     schema: dict[str, Any] = {"title": "Input", "type": "object", "properties": properties}
     if required:
@@ -61,14 +70,47 @@ def input_schema(info) -> dict[str, Any]:
     return schema
 
 
-def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dict[str, Any]:
+def declares_streaming(source: str, class_name: str) -> bool:
+    """Whether the class's run() (else predict()) carries cog's @streaming decorator."""
+    tree = ast.parse(source)
+    # Top-level imports only, as the builder reads them: `import cog [as c]`, `from cog import streaming [as s]`.
+    cog_names, streaming_names = set(), set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            cog_names |= {a.asname or a.name for a in node.names if a.name == "cog"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "cog" and not node.level:
+            streaming_names |= {a.asname or a.name for a in node.names if a.name == "streaming"}
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    if not classes:
+        raise ValueError(f"class {class_name} not found")
+    methods = {n.name: n for n in classes[0].body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    method = methods.get("run") or methods.get("predict")
+    if method is None:
+        raise ValueError(f"{class_name} must define run() or predict()")
+    for decorator in method.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+            if target.attr == "streaming" and target.value.id in cog_names:
+                return True
+        elif isinstance(target, ast.Name) and target.id in streaming_names:
+            return True
+    return False
+
+
+def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict[str, Any]:
+    """The schema of `file.py:Class` (as cog.yaml names it), relative to the working directory."""
     from cog import _inspector
 
+    path, class_name = predictor_ref.split(":")
+    sys.path.insert(0, str(Path(path).resolve().parent))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # BasePredictor/predict() are still served
-        info = _inspector.create_predictor(module, predictor)
+        info = _inspector.create_predictor(Path(path).stem, class_name)
     output = info.output.json_type()
-    streaming = output.get("x-cog-array-type") == "iterator"
+    streaming = declares_streaming(Path(path).read_text(), class_name)
+    if streaming and output.get("x-cog-array-type") != "iterator":
+        raise ValueError("@streaming requires Iterator[...], AsyncIterator[...], ConcatenateIterator[...] or "
+                         "AsyncConcatenateIterator[...] return type")
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
     json_body = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
     ok = {"description": "Successful Response", "content": json_body({})}
@@ -165,10 +207,11 @@ def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write .cog/openapi_schema.json as `cog build` would.")
     parser.add_argument("--out", default=".cog/openapi_schema.json")
+    parser.add_argument("--predictor", default="predict.py:Predictor", help="file.py:Class, as cog.yaml's predict key")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(openapi_schema(), indent=2) + "\n")
+    out.write_text(json.dumps(openapi_schema(args.predictor), indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -15,20 +15,25 @@ import sentencepiece
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from tiny_model import TOKENIZER_MODEL, build_tiny_notus  # noqa: E402
+from random_checkpoint import TOKENIZER_MODEL, write_tiny  # noqa: E402
 
 from notus.engine import Engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    return build_tiny_notus(tmp_path_factory.mktemp("weights"))
+    return write_tiny(tmp_path_factory.mktemp("weights"))
+
+
+# The device in-process tests run on: the CPU, or NOTUS_DEVICE=cuda on a GPU machine.
+TEST_DEVICE = os.environ.get("NOTUS_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
 def engine(tiny_weights) -> Engine:
-    return Engine.load(tiny_weights)
+    return Engine.load(tiny_weights, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -38,15 +43,21 @@ def sp() -> sentencepiece.SentencePieceProcessor:
 
 
 class Server:
-    """The real Cog HTTP server, started by scripts/serve as a user would."""
+    """The real Cog HTTP server, started by scripts/serve as a user would.
 
-    def __init__(self, weights: Path, log_path: Path, wait_ready: bool = True):
-        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "COG_WEIGHTS": str(weights), "PYTHON": sys.executable}
+    `command` and `cwd` start another predictor instead (the server reads `.cog/` in `cwd`).
+    """
+
+    def __init__(self, weights: Path | None, log_path: Path, wait_ready: bool = True, env: dict | None = None,
+                 command: list[str] | None = None, cwd: Path = REPO):
+        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "PYTHON": sys.executable, **(env or {})}
+        if weights is not None:
+            env["COG_WEIGHTS"] = str(weights)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [str(REPO / "scripts" / "serve")], cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command or [str(REPO / "scripts" / "serve")], cwd=cwd, env=env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.url = f"http://127.0.0.1:{self._wait_for_port()}"
         if wait_ready:
@@ -116,9 +127,9 @@ class Server:
         self._log.close()
 
 
-def failed_setup_logs(weights: Path, log_path: Path) -> str:
+def failed_setup_logs(weights: Path, log_path: Path, env: dict | None = None) -> str:
     """Starts the server on `weights`, expects setup to fail, returns the setup logs."""
-    server = Server(weights, log_path, wait_ready=False)
+    server = Server(weights, log_path, wait_ready=False, env=env)
     try:
         health = server.wait_setup()
         assert health["status"] == "SETUP_FAILED", health

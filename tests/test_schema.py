@@ -1,0 +1,91 @@
+"""The schema `cog build` writes: streaming only with @cog.streaming, as cog's builder decides it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, Server
+from notus.schema import declares_streaming
+
+HEADER = "from cog import BasePredictor, ConcatenateIterator\n"
+
+
+def predictor(decorators: str = "", imports: str = "", returns: str = "ConcatenateIterator[str]") -> str:
+    return HEADER + imports + textwrap.dedent(f"""
+        class Predictor(BasePredictor):
+            {decorators}
+            def predict(self, prompt: str) -> {returns}:
+                yield "echo: "
+                yield prompt
+        """)
+
+
+@pytest.mark.parametrize(
+    "imports,decorators",
+    [
+        ("import cog\n", "@cog.streaming"),
+        ("import cog\n", "@cog.streaming()"),
+        ("import cog as c\n", "@c.streaming"),
+        ("from cog import streaming\n", "@streaming"),
+        ("from cog import streaming as s\n", "@s"),
+    ],
+)
+def test_the_streaming_decorator_is_read_from_the_source(imports, decorators):
+    assert declares_streaming(predictor(decorators, imports), "Predictor")
+
+
+@pytest.mark.parametrize(
+    "imports,decorators",
+    [
+        ("", ""),
+        ("import cog\n", ""),
+        ("import cog\n", "@cog.concurrent(max=2)"),
+        ("from functools import cache as streaming\n", "@streaming"),  # not cog's
+        ("import other as cog\n", "@cog.streaming"),
+    ],
+)
+def test_without_cogs_streaming_decorator_there_is_no_streaming(imports, decorators):
+    assert not declares_streaming(predictor(decorators, imports), "Predictor")
+
+
+def test_this_projects_predictor_declares_streaming():
+    assert declares_streaming((REPO / "predict.py").read_text(), "Predictor")
+
+
+def write_schema(directory: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "notus.schema", "--predictor", "predict.py:Predictor", "--out", ".cog/openapi_schema.json"],
+        cwd=directory, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_streaming_decorator_on_a_non_iterator_is_refused(tmp_path):
+    (tmp_path / "predict.py").write_text(predictor("@cog.streaming", "import cog\n", returns="str"))
+    result = write_schema(tmp_path)
+    assert result.returncode != 0 and "@streaming requires Iterator" in result.stderr
+
+
+@pytest.mark.parametrize("decorated", [False, True])
+def test_sse_needs_the_decorator_as_in_the_built_image(tmp_path, decorated):
+    (tmp_path / "predict.py").write_text(predictor("@cog.streaming" if decorated else "", "import cog\n"))
+    assert write_schema(tmp_path).returncode == 0
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"  # the worker is a bare `python`
+    server = Server(None, tmp_path / "server.log", cwd=tmp_path,
+                    command=[sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                    env={"COG_PREDICT_TYPE_STUB": "predict.py:Predictor", "PATH": path})
+    try:
+        schema = requests.get(f"{server.url}/openapi.json", timeout=5).json()
+        assert schema["paths"]["/predictions"]["post"].get("x-cog-streaming", False) is decorated
+        sse = server.predict(prompt="hi", headers={"Accept": "text/event-stream"})
+        assert sse.status_code == (200 if decorated else 406), sse.text
+        assert server.predict(prompt="hi").json()["output"] == ["echo: ", "hi"]  # JSON works either way
+    finally:
+        server.stop()
