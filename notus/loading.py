@@ -20,6 +20,36 @@ from transformers import AutoModelForCausalLM
 log = logging.getLogger("notus")
 
 READ_CHUNK = 64 * 1024 * 1024
+# The one switch for running without a GPU (float32, far too slow for the real model): cpu or cuda.
+DEVICE_ENV = "NOTUS_DEVICE"
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device`, else $NOTUS_DEVICE, else CUDA, which must then work.
+
+    A GPU image whose CUDA is unusable (no device, a host driver too old for the build) fails here
+    with torch's own reason, instead of loading 29 GB of float32 weights onto the CPU and serving
+    at CPU speed.
+    """
+    device = device or os.environ.get(DEVICE_ENV) or "cuda"
+    if device == "cpu":
+        log.warning("Running on the CPU in float32 (%s=cpu): fine for trying the API and for tests, "
+                    "far too slow for the real model.", DEVICE_ENV)
+        return device
+    if not device.startswith("cuda"):
+        raise ValueError(f"{DEVICE_ENV} must be cuda or cpu, got {device!r}")
+    try:
+        torch.cuda.init()  # raises with the reason (no driver, driver too old, no device, CPU-only build)
+        reason = None if torch.cuda.device_count() else "no CUDA device is visible"
+    except Exception as e:  # torch raises AssertionError for a CPU-only build, RuntimeError otherwise
+        reason = str(e).strip() or type(e).__name__
+    if reason:
+        raise RuntimeError(
+            f"No usable CUDA device: torch {torch.__version__} (built for CUDA {torch.version.cuda}) reports: "
+            f"{reason}. notus-7b-v1 needs an NVIDIA GPU with a driver recent enough for that CUDA version. "
+            f"To run on the CPU anyway (float32, very slow), set {DEVICE_ENV}=cpu."
+        )
+    return device
 
 
 def read_into_page_cache(files: list[Path]) -> float:
@@ -40,10 +70,7 @@ def load_model(weights_dir: str | Path, device: str | None = None, phases: dict 
     Logs each phase's seconds, and puts them in `phases` ({"read_seconds", "move_seconds"}) if given.
     """
     weights_dir = Path(weights_dir)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        log.warning("No GPU found: running on the CPU in float32. Fine for tests, far too slow for the real model.")
+    device = device or pick_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     shards = sorted(weights_dir.glob("*.safetensors"))
     gigabytes = sum(p.stat().st_size for p in shards) / 1e9
