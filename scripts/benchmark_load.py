@@ -25,8 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from notus.loading import read_into_page_cache  # noqa: E402
+from random_checkpoint import write_full  # noqa: E402
 
 
 def drop_from_page_cache(files: list[Path]) -> None:
@@ -64,38 +66,16 @@ def load_in_child(weights: Path, device: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_random_checkpoint(out: Path) -> Path:
-    """notus's exact architecture with random bf16 weights, sharded like the real one."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(REPO / "weights" / name, out / name)
-    import mistral_common  # the tokenizer.model notus ships, byte-identical
-
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", out / "tokenizer.model")
-    config = AutoConfig.from_pretrained(out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out, max_shard_size="2GB")
-    (out / "config.json").write_text((REPO / "weights" / "config.json").read_text())
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", type=Path, help="an existing checkpoint directory")
     source.add_argument("--random", type=Path, help="write a random-weight notus here first")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: $NOTUS_DEVICE, else cuda)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="where the JSON result goes")
     args = parser.parse_args()
 
-    weights = write_random_checkpoint(args.random) if args.random else args.weights
+    weights = write_full(args.random) if args.random else args.weights
     files = sorted(weights.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in files)
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import failed_setup_logs
+from conftest import REPO, failed_setup_logs
 from notus.checkpoint import CheckpointError, check_checkpoint
+from random_checkpoint import TOKENIZER_MODEL, WEIGHTS
 
 FIX = "python scripts/download_weights.py"
 
@@ -102,3 +105,16 @@ def test_a_shard_that_changed_since_the_verified_download_is_refused(weights):
     with pytest.raises(CheckpointError, match="the verified download was") as error:
         check_checkpoint(weights)
     assert str(changed) in str(error.value)
+
+
+def test_the_try_it_command_writes_a_checkpoint_setup_accepts(tmp_path):
+    # The README's "try it in a minute": a tiny random notus, then scripts/serve on it (as the
+    # session's server fixture does with the same code).
+    out = tmp_path / "notus-tiny"
+    result = subprocess.run([sys.executable, "scripts/random_checkpoint.py", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "gibberish" in result.stdout
+    check_checkpoint(out)  # what setup checks before loading
+    assert (out / "tokenizer.model").read_bytes() == TOKENIZER_MODEL.read_bytes()
+    for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        assert (out / name).read_text() == (WEIGHTS / name).read_text()

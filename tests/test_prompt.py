@@ -7,7 +7,7 @@ import json
 import jinja2
 import pytest
 
-from tiny_model import WEIGHTS
+from random_checkpoint import WEIGHTS
 
 BOS, EOS, UNK = 1, 2, 0
 
