@@ -6,7 +6,7 @@ tests, and for benchmarks. Everything but the weights is notus's own: config.jso
 and tokenizer configs (with the chat template), and tokenizer.model (the mistral-common package,
 installed by requirements-dev.txt, ships a byte-identical copy).
 
-    python scripts/random_checkpoint.py /tmp/notus-tiny            # tiny: 5 MB, runs on any CPU
+    python scripts/random_checkpoint.py /tmp/notus-tiny            # tiny: 17 MB, runs on any CPU
     COG_WEIGHTS=/tmp/notus-tiny scripts/serve                      # the real server on it
     python scripts/random_checkpoint.py --full /tmp/notus-random   # notus's exact size (14.5 GB, bf16)
 """
