@@ -21,6 +21,7 @@ from notus.params import (
     CONTEXT_LENGTH,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
+    MAX_PENALTY,
     MAX_PROMPT_CHARS,
     MAX_REPETITION_PENALTY,
     MAX_SEED,
@@ -94,6 +95,16 @@ class Predictor(BasePredictor):
             description="Penalise tokens already in the text: above 1 repeats less, below 1 more; "
             "1 turns it off.",
         ),
+        presence_penalty: float = Input(
+            default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+            description="Penalise every token already in the reply once, whatever its count: above 0 "
+            "steers toward new topics. 0 turns it off (OpenAI's meaning).",
+        ),
+        frequency_penalty: float = Input(
+            default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+            description="Penalise tokens by how often they already appear in the reply: above 0 "
+            "repeats less. 0 turns it off (OpenAI's meaning).",
+        ),
         stop_sequences: str = Input(
             default="", max_length=MAX_STOP_SEQUENCES_CHARS,
             description="Texts that end the reply, separated by commas (so a stop sequence cannot "
@@ -123,6 +134,8 @@ class Predictor(BasePredictor):
             top_p=top_p,
             top_k=top_k,
             repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
             stop_sequences=tuple(parse_stop_sequences(stop_sequences)),
             seed=seed,
         )

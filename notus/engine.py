@@ -1,9 +1,10 @@
-"""The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), one request at a time.
+"""The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), many requests at once.
 
 `Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
-them. The tokens come from the decode thread (notus/decode.py) over a queue; as soon as the
-consumer stops (stop sequence, cancel, error) the decode thread is told and stops at the next step,
-so the GPU goes idle within a token or two, not at max_tokens.
+them; any number of threads may call it at once. The tokens come from the engine thread
+(notus/scheduler.py), which batches every request in flight into one decode step; as soon as a
+consumer stops (stop sequence, cancel, error) its request leaves the batch at the next step or
+prefill chunk, so its work stops within a token, not at max_tokens.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from notus.decode import DecodeRequest, Decoder
 from notus.loading import load_model
 from notus.params import MAX_PROMPT_CHARS, SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
+from notus.sampling import RowSettings
+from notus.scheduler import Request, Scheduler
 from notus.stream import TextStream, TokenBytes
 
 log = logging.getLogger("notus")
+
+# Sequences decoded at once (KV cache slots); the Cog level serves one prediction at a time for now.
+DEFAULT_SLOTS = 8
 
 @dataclass
 class GenerationStats:
@@ -62,7 +67,7 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, model, prompt: ChatPrompt, compile: bool | None = None):
+    def __init__(self, model, prompt: ChatPrompt, slots: int = DEFAULT_SLOTS, cuda_graphs: bool | None = None):
         self.model = model
         self.prompt = prompt
         self.tokenizer = prompt.tokenizer
@@ -70,42 +75,34 @@ class Engine:
         self.device = model.device
         # The longest sequence the model takes: prompt plus new tokens.
         self.context_length = model.config.max_position_embeddings
-        # compile=None: the decode step compiled on the GPU, eager on the CPU.
-        self.decoder = Decoder(model, prompt.eos_id, self.context_length, compile=compile)
+        # cuda_graphs=None: CUDA graphs on the GPU (captured by warm_up), eager elsewhere.
+        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs)
 
     @classmethod
-    def load(cls, weights_dir: str | Path, device: str | None = None, compile: bool | None = None) -> "Engine":
+    def load(cls, weights_dir: str | Path, device: str | None = None, slots: int = DEFAULT_SLOTS,
+             cuda_graphs: bool | None = None) -> "Engine":
         """Tokenizer and weights from `weights_dir`; bf16 on the GPU, float32 on the CPU."""
         weights_dir = Path(weights_dir)
         t0 = time.perf_counter()
         tokenizer, frame = load_tokenizer(weights_dir)
         prompt = ChatPrompt(tokenizer, frame)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
-
-        return cls(load_model(weights_dir, device), prompt, compile=compile)
+        return cls(load_model(weights_dir, device), prompt, slots=slots, cuda_graphs=cuda_graphs)
 
     def warm_up(self) -> None:
-        """Runs every path a request can take once, so the first request is as fast as the tenth.
-
-        Compiles the decode step (on the GPU), loads the sampling kernels, and, when compiled,
-        also crosses the sliding window (the cache's second code path).
-        """
+        """Captures every decode graph and runs every path once, so the first request is as fast as the tenth."""
         t0 = time.perf_counter()
+        graphs = self.scheduler.capture_graphs()
+        t_graphs = time.perf_counter() - t0
         sampled = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
-                                 repetition_penalty=1.1, seed=0)
+                                 repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, seed=0)
         for _ in self.stream("", "Hello", sampled):
             pass
         for _ in self.stream("", "Hello", SamplingParams(max_tokens=8, min_tokens=8, temperature=0)):
             pass
-        window = getattr(self.model.config, "sliding_window", None)
-        if self.decoder.compile and window and window + 8 < self.context_length:
-            filler = self.prompt.ids("", "Hello")[-2]  # any ordinary token
-            ids = [self.prompt.bos_id] + [filler] * (window - 8)
-            for _ in self._generate_ids(ids, SamplingParams(max_tokens=16, min_tokens=16, temperature=0), 0):
-                pass
-        log.info("warm-up done in %.2f s (%s)", time.perf_counter() - t0,
-                 ("decode step compiled" + (", CUDA graphs captured" if self.decoder.cuda_graphs else ""))
-                 if self.decoder.compile else "eager")
+        log.info("warm-up done in %.2f s (%d CUDA graphs captured in %.2f s; %d slots of %.0f MiB KV cache)",
+                 time.perf_counter() - t0, graphs, t_graphs, self.scheduler.slots,
+                 self.scheduler.cache.bytes_per_slot / 2**20)
 
     def stream(
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
@@ -164,6 +161,7 @@ class Engine:
         return replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """What `model.generate` takes for these settings: the reference in tests and the benchmark."""
         sample = params.temperature > 0
         return GenerationConfig(
             max_new_tokens=params.max_tokens,
@@ -181,17 +179,13 @@ class Engine:
 
     def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """Token ids as the model makes them; leaving the loop early stops the model."""
-        request = self.decoder.submit(DecodeRequest(
-            input_ids=input_ids,
-            max_new_tokens=params.max_tokens,
-            min_new_tokens=params.min_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            repetition_penalty=params.repetition_penalty,
-            seed=seed,
+        request = Request(input_ids=input_ids, max_tokens=params.max_tokens, settings=RowSettings(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, min_tokens=params.min_tokens, seed=seed,
         ))
-        try:
+        try:  # submitted inside the try: a cancel landing anywhere after this line still stops it
+            self.scheduler.submit(request)
             while True:
                 try:
                     # A short timeout keeps this thread in Python often, so a cancellation
@@ -206,4 +200,4 @@ class Engine:
                 raise request.error
         finally:
             request.stop.set()
-            request.done.wait()  # the GPU is free again before the next request starts
+            request.done.wait()  # its slot is free again, its work on the GPU stopped

@@ -21,6 +21,7 @@ MAX_PROMPT_CHARS = CONTEXT_LENGTH * LONGEST_PIECE_CHARS
 MAX_STOP_SEQUENCES_CHARS = 1000
 MAX_TEMPERATURE = 5.0
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 5.0
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: -2 to 2, as OpenAI's
 # A seed is a 32-bit unsigned integer, the range of the seeds this container picks itself.
 MAX_SEED = 2**32 - 1
 
@@ -28,7 +29,7 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_MIN_TOKENS = 0
 
 _INTEGERS = ("max_tokens", "min_tokens", "top_k", "seed")
-_FLOATS = ("temperature", "top_p", "repetition_penalty")
+_FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class SamplingParams:
     top_p: float = 0.95  # 1 = off; 0 keeps only the most likely token
     top_k: int = 50  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off; subtracted once from every token already in the reply
+    frequency_penalty: float = 0.0  # 0 = off; subtracted per occurrence in the reply
     stop_sequences: tuple[str, ...] = ()
     seed: int | None = None  # None = pick one (and log it)
 
@@ -65,6 +68,9 @@ class SamplingParams:
             f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g}, "
             f"got {self.repetition_penalty}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-MAX_PENALTY <= value <= MAX_PENALTY, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}")
         _check(self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
 

@@ -8,14 +8,22 @@
 For each prompt length (128 and 2048 tokens by default), after a warm-up, it runs `--reps` times:
   baseline  plain model.generate, eager, default cache, TextIteratorStreamer read from a new thread
             (what Cog's examples do);
-  project   Engine.stream_ids: the code Predictor.predict runs (decode thread, static cache,
-            compiled step on the GPU, streaming text).
+  project   Engine.stream_ids: the code Predictor.predict runs (the engine thread, the project's
+            KV cache, CUDA-graph decode steps on the GPU, streaming text).
 Every run generates exactly --new-tokens tokens (min_tokens = max_tokens), greedy.
 
 Reported per path: time to first token (median), decode tokens/s (median, tokens after the first),
 share of memory bandwidth (bytes read per token x tokens/s / the bandwidth a device-to-device copy
 reaches in the same run), peak device memory; then project / baseline. Also the bare model step
-(no sampling, no streaming) as a floor. Writes JSON under benchmarks/ and prints a markdown table.
+(no sampling, no streaming) as a floor.
+
+With --streams N [N ...], also N concurrent requests through the engine for each N (prompt lengths
+mixed from --prompt-lengths, exactly --new-tokens each, sampled at temperature 0.7 / top_p 0.95 /
+top_k 50): aggregate output tokens/s, per-stream decode tokens/s, time to first token p50/p95, and
+each N's aggregate over the first N's. Writes JSON under benchmarks/ and prints markdown tables.
+
+    python scripts/benchmark.py --streams 1 8 32          # GPU
+    python scripts/benchmark.py --tiny --streams 1 8      # CPU, under 3 minutes
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +47,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer  # noqa: E402
 
-from notus.decode import synchronize  # noqa: E402
-from notus.engine import Engine, GenerationStats  # noqa: E402
+from notus.engine import DEFAULT_SLOTS, Engine, GenerationStats  # noqa: E402
 from notus.loading import load_model  # noqa: E402
 from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
@@ -65,6 +73,12 @@ def build_model(args):
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval(), f"random-weight notus-7b-v1 (weights/config.json), {dtype}"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the device's queued work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -168,6 +182,70 @@ def measure(name, run, engine, ids, args) -> dict:
     }
 
 
+def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
+    """Seconds per bare decode step of one sequence (the CUDA graph on the GPU; no sampling read-back)."""
+    scheduler = engine.scheduler
+    length = scheduler._bucket(scheduler.length_buckets, min(prompt_length + steps, scheduler.window))
+
+    def measure() -> float:
+        graph = scheduler.graphs.get((1, length))
+        step = graph.replay if graph is not None else lambda: scheduler.forward.decode(
+            scheduler.tokens[:1], scheduler.positions[:1], scheduler.active[:1], length)
+        step()
+        synchronize(engine.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(engine.device)
+        return (time.perf_counter() - t0) / steps
+
+    return scheduler.call(measure)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def run_streams(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """len(prompts) requests at once, each in its own thread, as concurrent callers would send them."""
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def one(i: int) -> tuple[GenerationStats, float]:
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
+                                top_k=50, seed=i)
+        stats = GenerationStats()
+        barrier.wait()
+        stats._start = time.perf_counter()
+        for _ in engine.stream_ids(prompts[i], params, stats):
+            pass
+        return stats, time.perf_counter()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(prompts))]
+        barrier.wait()
+        start = time.perf_counter()
+        done = [f.result() for f in futures]
+    end = max(t for _, t in done)
+    tokens = sum(stats.output_token_count for stats, _ in done)
+    assert tokens == new_tokens * len(prompts), "a stream ended early"
+    ttfts = [stats.time_to_first_token for stats, _ in done]
+    per_stream = [stats.tokens_per_second for stats, _ in done]
+    return {
+        "streams": len(prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "new_tokens_each": new_tokens,
+        "wall_seconds": end - start,
+        "aggregate_tokens_per_second": tokens / (end - start),
+        "per_stream_tokens_per_second_median": statistics.median(per_stream),
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -177,15 +255,20 @@ def main() -> None:
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="the project path without torch.compile")
-    # NOTUS_COMPILE_MODE=reduce-overhead (environment) tries CUDA graphs; see notus/decode.py.
+    parser.add_argument("--streams", type=int, nargs="*", default=[], help="concurrent requests to measure, e.g. 1 8 32")
+    parser.add_argument("--no-graphs", action="store_true", help="the project path without CUDA graphs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
+    if args.device == "cpu":
+        # The tiny model's ops are too small to split across cores; a second torch thread only takes
+        # the core the streaming threads need (8 streams ran 1.8x slower with 2 on a 2-core machine).
+        torch.set_num_threads(1)
 
     t0 = time.perf_counter()
     model, description = build_model(args)
     tokenizer, frame = load_tokenizer(tokenizer_dir(args.weights))
-    engine = Engine(model, ChatPrompt(tokenizer, frame), compile=False if args.no_compile else None)
+    engine = Engine(model, ChatPrompt(tokenizer, frame), slots=max([DEFAULT_SLOTS, *args.streams]),
+                    cuda_graphs=False if args.no_graphs else None)
     engine.warm_up()
     setup_seconds = time.perf_counter() - t0
 
@@ -193,15 +276,19 @@ def main() -> None:
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = copy_bandwidth(device)
     generator = torch.Generator().manual_seed(0)
+
+    def random_prompt(length: int) -> list[int]:
+        # BOS, then ordinary vocabulary: the same kind of ids for every path.
+        return [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
+
     results = []
     for length in args.prompt_lengths:
-        # The same token ids for both paths: BOS, then ordinary vocabulary.
-        ids = [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
+        ids = random_prompt(length)
         row = {"prompt_tokens": length}
         for name, run in (("baseline", run_baseline), ("project", run_project)):
             row[name] = measure(name, run, engine, ids, args)
             row[name]["bandwidth_share"] = bytes_per_token * row[name]["decode_tokens_per_s"] / bandwidth
-        raw = engine.decoder.raw_step_seconds(length, args.new_tokens)
+        raw = bare_step_seconds(engine, length, args.new_tokens)
         row["raw_model_step"] = {"seconds": raw, "tokens_per_s": 1 / raw, "bandwidth_share": bytes_per_token / raw / bandwidth}
         # What streaming, sampling and the hand-over add per token on top of the bare step.
         row["project_overhead_per_token_s"] = 1 / row["project"]["decode_tokens_per_s"] - raw
@@ -209,19 +296,28 @@ def main() -> None:
         row["baseline_over_project_ttft"] = row["baseline"]["time_to_first_token_s"] / row["project"]["time_to_first_token_s"]
         results.append(row)
 
+    streams = []
+    for n in args.streams:
+        prompts = [random_prompt(args.prompt_lengths[i % len(args.prompt_lengths)]) for i in range(n)]
+        run_streams(engine, prompts, 8)  # warm-up: the same batch shapes, briefly
+        streams.append(run_streams(engine, prompts, args.new_tokens))
+        streams[-1]["aggregate_over_first"] = streams[-1]["aggregate_tokens_per_second"] / streams[0]["aggregate_tokens_per_second"]
+
     report = {
         "model": description,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "compiled": engine.decoder.compile,
-        "compile_mode": engine.decoder.compile_mode,
+        "cuda_graphs": len(engine.scheduler.graphs),
+        "torch_threads": torch.get_num_threads(),
+        "slots": engine.scheduler.slots,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
         "weight_bytes_per_token": bytes_per_token,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "setup_seconds": setup_seconds,
         "results": results,
+        "streams": streams,
         "machine": platform.node(),
         "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
     }
@@ -235,7 +331,7 @@ def main() -> None:
 def markdown_table(report: dict) -> str:
     lines = [
         f"{report['model']} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}, "
-        f"compiled: {report['compiled']}); copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; "
+        f"{report['cuda_graphs']} CUDA graphs); copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; "
         f"{report['new_tokens']} new tokens, median of {report['reps']}",
         "",
         "| prompt | path | time to first token | decode tok/s | bandwidth share | peak memory (above start) |",
@@ -254,6 +350,13 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {row['prompt_tokens']} | **ratio** | baseline / project = "
                      f"{row['baseline_over_project_ttft']:.2f} | project / baseline = "
                      f"{row['project_over_baseline_decode']:.2f} | | |")
+    if report["streams"]:
+        lines += ["", "| streams | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in report["streams"]:
+            lines.append(f"| {r['streams']} | {r['aggregate_tokens_per_second']:.1f} | {r['aggregate_over_first']:.2f} | "
+                         f"{r['per_stream_tokens_per_second_median']:.1f} | {r['ttft_p50_s'] * 1000:.1f} ms | "
+                         f"{r['ttft_p95_s'] * 1000:.1f} ms |")
     return "\n".join(lines)
 
 

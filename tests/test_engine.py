@@ -40,15 +40,6 @@ def test_greedy_equals_plain_generate(engine):
     assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("seed", [1, 7])
-def test_sampling_equals_plain_generate_with_the_same_seed(engine, seed):
-    params = dict(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_tokens=80, min_tokens=10)
-    text, stats = reply(engine, "Sample please", seed=seed, **params)
-    expected = plain_generate(engine, "Sample please", seed=seed, **params)
-    assert stats.output_token_count == len(expected)
-    assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
-
-
 def test_same_seed_same_text_and_other_seed_other_text(engine):
     a, _ = reply(engine, seed=123, max_tokens=40, min_tokens=40)
     b, _ = reply(engine, seed=123, max_tokens=40, min_tokens=40)
@@ -112,11 +103,11 @@ def test_metrics(engine):
 
 
 class ForwardCounter:
-    """Counts the model's forward passes (a hook on the model: what the GPU would be doing)."""
+    """Counts the model's forward passes (prefill chunks and decode steps: each ends in lm_head)."""
 
     def __init__(self, model):
         self.calls, self.threads = 0, set()
-        self._handle = model.register_forward_pre_hook(self._count)
+        self._handle = model.lm_head.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.calls += 1

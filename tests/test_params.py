@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from notus.decode import DecodeRequest, processed_scores, sampling_probabilities
 from notus.engine import GenerationStats
 from notus.params import (
     CONTEXT_LENGTH,
@@ -17,6 +16,7 @@ from notus.params import (
     SamplingParams,
     with_alias,
 )
+from notus.sampling import RowSettings, Sampler
 from notus.stream import TokenBytes
 from random_checkpoint import WEIGHTS
 
@@ -85,15 +85,17 @@ LOGITS = {
 
 
 @pytest.mark.parametrize("logits", LOGITS.values(), ids=LOGITS.keys())
-@pytest.mark.parametrize("settings", EXTREMES + [dict(min_tokens=50)])
-def test_no_nan_or_inf_reaches_sampling(engine, settings, logits):
+@pytest.mark.parametrize("settings", EXTREMES + [dict(min_tokens=50), dict(temperature=0)])
+def test_no_nan_or_inf_reaches_sampling(settings, logits):
     params = SamplingParams(**{"temperature": 0.7, **settings})
-    request = DecodeRequest(input_ids=[1, 400, 500, 400], max_new_tokens=60, min_new_tokens=params.min_tokens,
-                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                            repetition_penalty=params.repetition_penalty)
-    processors = engine.decoder._processors(request, prompt_length=4)
-    ids = torch.tensor([request.input_ids])
-    probs = sampling_probabilities(processed_scores(processors, ids, logits()))
-    assert torch.isfinite(probs).all() and (probs >= 0).all()
-    assert probs.sum().item() == pytest.approx(1.0, abs=1e-4)
-    assert 0 <= torch.multinomial(probs, 1).item() < VOCAB_SIZE
+    sampler = Sampler(1, VOCAB_SIZE, eos_id=2, device=torch.device("cpu"))
+    sampler.start(0, RowSettings(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                 repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens, seed=3),
+                  torch.tensor([1, 400, 500, 400]))
+    scores = logits()[:, -1]
+    penalised = sampler._penalised(scores.clone(), torch.tensor([0]))
+    assert not penalised.isnan().any() and not (penalised == torch.inf).any()
+    for _ in range(3):  # and the whole draw, a few times
+        token = sampler.sample(scores.clone(), torch.tensor([0])).item()
+        assert 0 <= token < VOCAB_SIZE
+        assert token != 2 or params.min_tokens == 0

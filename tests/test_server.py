@@ -34,7 +34,8 @@ def test_schema_describes_every_input_with_its_limits(server):
     props = inputs["properties"]
     assert sorted(props, key=lambda name: props[name]["x-order"]) == [
         "prompt", "system_prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
-        "repetition_penalty", "stop_sequences", "seed", "max_new_tokens", "min_new_tokens",
+        "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_sequences", "seed",
+        "max_new_tokens", "min_new_tokens",
     ]
     assert all(p.get("description") for p in props.values())
     assert props["prompt"]["maxLength"] == props["system_prompt"]["maxLength"] == MAX_PROMPT_CHARS
@@ -44,6 +45,8 @@ def test_schema_describes_every_input_with_its_limits(server):
     assert props["top_p"].items() >= {"default": 0.95, "minimum": 0, "maximum": 1}.items()
     assert props["top_k"].items() >= {"default": 50, "minimum": 0, "maximum": 32000}.items()
     assert props["repetition_penalty"].items() >= {"default": 1, "minimum": 0.01, "maximum": 5}.items()
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        assert props[penalty].items() >= {"type": "number", "default": 0, "minimum": -2, "maximum": 2}.items()
     assert props["seed"].items() >= {"nullable": True, "minimum": 0, "maximum": 2**32 - 1}.items()
     assert "default" not in props["seed"]
     for old in ("max_new_tokens", "min_new_tokens"):
@@ -113,6 +116,8 @@ def test_sse_streams_each_chunk(server):
         ({"top_k": 2.5}, "top_k"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"repetition_penalty": 5.5}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
         ({"seed": "abc"}, "seed"),
         ({"seed": 2**64}, "seed"),
         ({"seed": -10**20}, "seed"),
@@ -140,6 +145,7 @@ def test_out_of_range_input_is_422_naming_the_field(server, inputs, field):
         dict(temperature=1e-39), dict(top_k=32000, temperature=5), dict(top_p=0), dict(top_k=3.0),
         dict(seed=MAX_SEED), dict(seed=0), dict(repetition_penalty=0.01), dict(repetition_penalty=5),
         dict(max_tokens=1e1), dict(stop_sequences="x" * 1000),
+        dict(presence_penalty=2, frequency_penalty=-2), dict(presence_penalty=-2, frequency_penalty=2, temperature=0),
     ],
 )
 def test_every_value_the_schema_accepts_works(server, inputs):

@@ -1,0 +1,130 @@
+"""notus's forward pass over a KV cache this project owns: many sequences per step, chunked prefill.
+
+The weights are transformers' (MistralForCausalLM, loaded as usual); only the loop over its
+modules is ours, so the cache is plain tensors:
+
+- One ring of `window` (4,096) entries per slot and layer, [layers, slots + 1, kv_heads, window,
+  head_dim]. Position p lives at p % window, so the ring always holds exactly notus's sliding
+  window: nothing rolls, nothing is allocated per step. The extra last slot is scratch: rows of a
+  batch bucket that are not decoding write there, so they never touch a live sequence.
+- Decode: one token for each of the first `batch` slots at their own positions (device tensors),
+  attending over the first `length` ring entries (a bucket covering every decoding sequence).
+  Grouped-query attention folds the 4 query heads of each KV head into the query axis, so K and V
+  are read in place, never repeated.
+- Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
+  (ring + chunk): bounded by the chunk size, whatever the prompt's length (a first chunk needs no
+  mask at all: SDPA's causal kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+
+class KVCache:
+    def __init__(self, config, slots: int, device: torch.device, dtype: torch.dtype):
+        self.window = config.sliding_window or config.max_position_embeddings
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (config.num_hidden_layers, slots + 1, config.num_key_value_heads, self.window, self.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.scratch = slots
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+
+class Forward:
+    """Prefill chunks and batched decode steps of `model` over `cache`."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        config = model.config
+        self.groups = config.num_attention_heads // config.num_key_value_heads
+        self.layers = model.model.layers
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, length: int) -> torch.Tensor:
+        """Logits [batch, vocab] of `tokens` [batch] at `positions` [batch] in slots 0..batch-1.
+
+        Rows not `active` compute too (fixed shapes) but write their K/V to the scratch slot.
+        Every active row's position must be below `length`, or past the window (then length = window).
+        """
+        batch = tokens.shape[0]
+        cache = self.cache
+        rows = torch.arange(batch, device=tokens.device)
+        write_slot = torch.where(active, rows, cache.scratch)
+        write_at = positions % cache.window
+        visible = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        x = self.model.model.embed_tokens(tokens)[:, None, :]
+        cos, sin = self.model.model.rotary_emb(x, positions[:, None])
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            cache.k[i][write_slot, :, write_at] = k[:, :, 0]
+            cache.v[i][write_slot, :, write_at] = v[:, :, 0]
+            out = self._attend(layer, q, cache.k[i][:batch, :, :length], cache.v[i][:batch, :, :length], visible)
+            x = self._rest_of_layer(layer, x, out)
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Runs `ids` [chunk] at positions start.. through slot `slot`; the last position's logits [1, vocab].
+
+        The chunk must be at most the window long; earlier chunks of the same sequence went first.
+        """
+        cache, window, chunk = self.cache, self.cache.window, ids.shape[0]
+        device = ids.device
+        positions = torch.arange(start, start + chunk, device=device)
+        held = min(start, window)  # ring entries holding earlier positions
+        ring = torch.arange(held, device=device)
+        # The position each ring entry holds: the latest p < start with p % window == entry.
+        ring_positions = start - 1 - (start - 1 - ring) % window
+        if held:
+            key_positions = torch.cat([ring_positions, positions])
+            distance = positions[:, None] - key_positions[None, :]
+            visible = ((distance >= 0) & (distance < window))[None, None]  # causal, within the window
+        else:
+            visible = None  # a first chunk (no longer than the window): plainly causal, no mask to build
+        x = self.model.model.embed_tokens(ids)[None]
+        cos, sin = self.model.model.rotary_emb(x, positions[None])
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            keys = torch.cat([cache.k[i][slot, :, :held][None], k], dim=2)
+            values = torch.cat([cache.v[i][slot, :, :held][None], v], dim=2)
+            cache.k[i][slot][:, positions % window] = k[0]
+            cache.v[i][slot][:, positions % window] = v[0]
+            # Prefill is compute-bound: SDPA's own grouped-query attention, causal kernel when it can.
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
+                                                 scale=layer.self_attn.scaling, enable_gqa=True)
+            x = self._rest_of_layer(layer, x, out.transpose(1, 2).reshape(1, chunk, -1))
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))
+
+    def _qkv(self, layer, x, cos, sin):
+        """Queries [b, heads, t, d], keys and values [b, kv_heads, t, d], rotated."""
+        attention = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (*x.shape[:2], -1, attention.head_dim)
+        q = attention.q_proj(h).view(shape).transpose(1, 2)
+        k = attention.k_proj(h).view(shape).transpose(1, 2)
+        v = attention.v_proj(h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(self, layer, q, keys, values, visible):
+        """One query per row: q [b, heads, 1, d] over keys/values [b, kv_heads, length, d]; visible [b, 1, 1, length].
+
+        The query heads sharing a KV head go along the query axis ([b, kv_heads, groups, d]), so
+        SDPA reads each K/V once, in place, instead of a copy repeated per query head.
+        """
+        b, heads, _, d = q.shape
+        folded = q.reshape(b, keys.shape[1], self.groups, d)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, scale=layer.self_attn.scaling)
+        return out.reshape(b, 1, heads * d)
+
+    @staticmethod
+    def _rest_of_layer(layer, x, attention_out):
+        x = x + layer.self_attn.o_proj(attention_out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))

@@ -1,0 +1,308 @@
+"""The engine thread: requests join and leave a running batch at step boundaries.
+
+One long-lived thread owns the model, the KV cache (notus/forward.py) and the sampler
+(notus/sampling.py). Each turn of its loop:
+1. takes new requests (in order) and drops those whose consumer has stopped (cancel, stop sequence,
+   error): a stopped request frees its slot at once, wherever it was;
+2. gives free slots to waiting requests, oldest first;
+3. runs ONE prefill chunk (CHUNK tokens) of the oldest request being prefilled, so a long prompt
+   stalls the others by one chunk at most, and a cancel is seen between chunks; its last chunk
+   samples its first token and the request joins the decoding batch;
+4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots, a length
+   bucket covering their positions), replayed from a CUDA graph on the GPU;
+5. hands out the tokens of the previous step: the host reads tokens one step behind, so the GPU
+   always has the next step queued and never waits on Python.
+
+A request that fails (out of memory in its prefill, say) fails alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import queue
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from notus.forward import Forward, KVCache
+from notus.sampling import RowSettings, Sampler
+
+log = logging.getLogger("notus")
+
+CHUNK = 2048  # prefill tokens per turn
+LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # attention reads the bucket, not the window
+
+
+@dataclass
+class Request:
+    """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed."""
+
+    input_ids: list[int]
+    max_tokens: int
+    settings: RowSettings = field(default_factory=RowSettings)
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)  # set by the consumer: stop now
+    done: threading.Event = field(default_factory=threading.Event)  # set by the engine thread
+    error: BaseException | None = None
+    # The engine thread's bookkeeping.
+    slot: int | None = None
+    prefilled: int = 0
+    sampled: int = 0  # tokens sampled (some maybe not read yet)
+    delivered: int = 0
+
+
+@dataclass
+class _Read:
+    """Tokens on their way to the host: `values` is ready once `ready` (a CUDA event) is."""
+
+    values: torch.Tensor
+    ready: torch.cuda.Event | None
+    rows: list[tuple[Request, int]]
+
+
+class Scheduler:
+    def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None):
+        self.model, self.eos_id, self.slots = model, eos_id, slots
+        self.device = model.device
+        self.cuda = self.device.type == "cuda"
+        self.cuda_graphs = self.cuda if cuda_graphs is None else cuda_graphs
+        self.cache = KVCache(model.config, slots, self.device, model.dtype)
+        self.forward = Forward(model, self.cache)
+        self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device)
+        self.window = self.cache.window
+        # Decode inputs per slot, on the device: the last token, its position, whether it decodes.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
+        self.rows = torch.arange(slots, device=self.device)
+        self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+        self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._decoding: list[Request] = []
+        self._free = list(range(slots))
+        self._reads: deque[_Read] = deque()
+        self._thread = threading.Thread(target=self._serve, name="notus-engine", daemon=True)
+        self._thread.start()
+
+    # --- the consumers' side ---
+
+    def submit(self, request: Request) -> Request:
+        self._inbox.put(request)
+        return request
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Runs `fn` on the engine thread (where the CUDA graphs live) between turns; its result."""
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    def capture_graphs(self) -> int:
+        """Captures a CUDA graph for every batch and length bucket (setup's warm-up); how many."""
+        if self.cuda_graphs:
+            self.call(self._capture_all)
+        return len(self.graphs)
+
+    # --- the engine thread ---
+
+    def _serve(self) -> None:
+        with torch.inference_mode():
+            while self._take_new(block=not self._busy()):
+                try:
+                    self._turn()
+                except Exception as e:  # a bug, not a request's fault: fail what is in flight, keep serving
+                    self._reads.clear()
+                    self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
+
+    def _turn(self) -> None:
+        self._drop_stopped()
+        self._admit()
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        launched = self._decode_step()
+        self._hand_out(keep_newest=launched)
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding or self._reads)
+
+    def _take_new(self, block: bool) -> bool:
+        """Moves new requests to the waiting line and runs call()s; False once closed."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                return False
+            if isinstance(item, tuple):
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+            else:
+                self._waiting.append(item)
+
+    def _drop_stopped(self) -> None:
+        for request in [*self._waiting, *self._prefilling, *self._decoding]:
+            if request.stop.is_set():
+                self._finish(request)
+
+    def _admit(self) -> None:
+        while self._free and self._waiting:
+            request = self._waiting.popleft()
+            request.slot = self._free.pop(0)  # the lowest free slot: batch buckets stay small
+            self._prefilling.append(request)
+
+    def _prefill_chunk(self, request: Request) -> None:
+        try:
+            start = request.prefilled
+            chunk = request.input_ids[start : start + min(CHUNK, self.window)]
+            ids = torch.tensor(chunk, dtype=torch.long, device=self.device)
+            logits = self.forward.prefill(request.slot, ids, start)
+            request.prefilled += len(chunk)
+            if request.prefilled == len(request.input_ids):
+                self._start_decoding(request, logits)
+        except Exception as e:  # this request fails alone; its tensors go with the frames
+            self._fail([request], e)
+
+    def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
+        slot = request.slot
+        prompt = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
+        self.sampler.start(slot, request.settings, prompt)
+        first = self.sampler.sample(logits, self.rows[slot : slot + 1], **self._shortcuts([request]))
+        self.tokens[slot : slot + 1] = first
+        self.positions[slot] = len(request.input_ids)
+        request.sampled = 1
+        self.active[slot] = request.sampled < request.max_tokens
+        self._prefilling.remove(request)
+        self._decoding.append(request)
+        self._queue_read(first, [(request, 0)])
+
+    def _decode_step(self) -> bool:
+        rows = [r for r in self._decoding if r.sampled < r.max_tokens]
+        if not rows:
+            return False
+        batch = self._bucket(self.batch_buckets, max(r.slot for r in rows) + 1)
+        # The position each row feeds this step, so the length bucket covers all of them.
+        furthest = max(len(r.input_ids) + r.sampled - 1 for r in rows)
+        length = self._bucket(self.length_buckets, min(furthest + 1, self.window))
+        try:
+            if (batch, length) in self.graphs:
+                self.graphs[batch, length].replay()
+            else:
+                self._step(batch, length, **self._shortcuts(rows))
+        except Exception as e:  # a failing step fails the requests in it
+            self._fail(rows, e)
+            return False
+        for r in rows:
+            r.sampled += 1
+            if r.sampled == r.max_tokens:
+                self.active[r.slot] = False  # its last token is sampled; it only waits to be read
+        self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
+        return True
+
+    def _step(self, batch: int, length: int, candidates: int | None = None, penalties: bool = True) -> None:
+        """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers)."""
+        active = self.active[:batch]
+        logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, length)
+        self.tokens[:batch] = self.sampler.sample(logits, self.rows[:batch], active, candidates, penalties)
+        self.positions[:batch] += active.long()
+
+    def _shortcuts(self, rows: list[Request]) -> dict:
+        """Work the sampler may skip for these rows (none with CUDA graphs: one graph fits all)."""
+        if self.cuda_graphs:
+            return {}
+        settings = [r.settings for r in rows]
+        sampling = [s for s in settings if s.temperature > 0]
+        if not sampling:
+            candidates = 1
+        elif any(s.top_k == 0 for s in sampling):
+            candidates = None
+        else:
+            candidates = max(s.top_k for s in sampling)
+        penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
+        return {"candidates": candidates, "penalties": penalties}
+
+    @staticmethod
+    def _bucket(buckets, n: int) -> int:
+        return buckets[bisect.bisect_left(buckets, n)]
+
+    def _queue_read(self, values: torch.Tensor, rows: list[tuple[Request, int]]) -> None:
+        if not self.cuda:
+            self._reads.append(_Read(values.clone(), None, rows))
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._reads.append(_Read(host, ready, rows))
+
+    def _hand_out(self, keep_newest: bool) -> None:
+        """Delivers read tokens; with `keep_newest` the step just queued stays in flight."""
+        while len(self._reads) > (1 if keep_newest else 0):
+            read = self._reads.popleft()
+            if read.ready is not None:
+                read.ready.synchronize()  # this step only, not the one queued after it
+            values = read.values.tolist()
+            for request, row in read.rows:
+                if request.done.is_set():
+                    continue  # finished or stopped while the step was in flight
+                token = values[row]
+                request.tokens.put(token)
+                request.delivered += 1
+                if token == self.eos_id or request.delivered == request.max_tokens:
+                    self._finish(request)
+
+    def _finish(self, request: Request) -> None:
+        """Ends a request wherever it is and frees its slot."""
+        for line in (self._waiting, self._prefilling, self._decoding):
+            if request in line:
+                line.remove(request)
+        if request.slot is not None:
+            self.active[request.slot] = False
+            bisect.insort(self._free, request.slot)
+            request.slot = None
+        request.tokens.put(None)
+        request.done.set()
+
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        # Logged as text, then cut from its traceback: nothing (not even a log handler keeping the
+        # record) holds the failed work's frames, so its tensors are freed now, not at the next request.
+        log.error("generation failed for %d request(s):\n%s", len(requests), "".join(traceback.format_exception(error)))
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        for request in requests:
+            request.error = error
+            self._finish(request)
+
+    # --- CUDA graphs ---
+
+    def _capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        for batch in self.batch_buckets:
+            for length in self.length_buckets:
+                # Warm-up runs on a side stream (cuBLAS workspaces, lazy inits), then the capture.
+                # No slot is active yet: every write goes to the scratch slot.
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(batch, length)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(batch, length)
+                self.graphs[batch, length] = graph
+        torch.cuda.synchronize()

@@ -1,0 +1,248 @@
+"""The engine (notus/scheduler.py, forward.py, sampling.py) on the CPU, float32, tiny model.
+
+Many sequences per step, each exactly what it would be alone: greedy equals model.generate across
+the sliding window, seeds do not depend on the batch, cancels and failures touch only their request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from notus.engine import Engine, GenerationStats
+from notus.params import SamplingParams
+from notus.scheduler import CHUNK
+from notus.stream import TextStream
+from test_engine import ForwardCounter
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = dict(temperature=0)
+
+
+def generate_reference(engine: Engine, ids: list[int], **params) -> list[int]:
+    """transformers' own generate (dynamic cache, eager) with the same settings."""
+    config = engine.generation_config(SamplingParams(**params))
+    out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                generation_config=config)
+    return out[0, len(ids):].tolist()
+
+
+def engine_ids(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
+    return list(engine._generate_ids(ids, SamplingParams(**params), seed=seed))
+
+
+def long_prompt(engine: Engine, length: int) -> list[int]:
+    generator = torch.Generator().manual_seed(length)
+    return [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
+
+
+def concurrently(fn, items) -> list:
+    """fn(item) for every item, all at once, in as many threads."""
+    barrier = threading.Barrier(len(items))
+
+    def start(item):
+        barrier.wait()
+        return fn(item)
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(start, items))
+
+
+# Prompt lengths that put the 8 sequences at very different positions: short, across a prefill
+# chunk, crossing the 4,096-token window while decoding, and longer than the window.
+LENGTHS = [3, 40, 700, CHUNK + 5, 4090, 4200, 6000, 9000]
+
+
+def test_greedy_equals_generate_alone_and_as_one_of_8_concurrent_sequences(engine):
+    prompts = [long_prompt(engine, n) for n in LENGTHS]
+    params = dict(max_tokens=24, min_tokens=24, **GREEDY)
+    expected = [generate_reference(engine, ids, **params) for ids in prompts]
+    assert [engine_ids(engine, ids, **params) for ids in prompts] == expected
+    assert concurrently(lambda ids: engine_ids(engine, ids, **params), prompts) == expected
+
+
+SAMPLED = [
+    dict(temperature=0.9, top_k=0, top_p=0.95),
+    dict(temperature=1.3, top_k=40, top_p=1.0),
+    dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2),
+    dict(temperature=1.0, top_k=0, top_p=1.0, presence_penalty=1.5, frequency_penalty=0.7),
+    dict(temperature=0.5, top_k=5, top_p=0.5, frequency_penalty=-1.0),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=2.0, top_k=0, top_p=0.99, min_tokens=40),
+    dict(temperature=0.8, top_k=20, top_p=0.8, presence_penalty=-0.5),
+]
+
+
+def test_a_seed_gives_the_same_reply_alone_and_beside_7_others(engine):
+    cases = [(long_prompt(engine, 10 + 37 * i), dict(max_tokens=40, **settings), 100 + i)
+             for i, settings in enumerate(SAMPLED)]
+    alone = [engine_ids(engine, ids, seed, **params) for ids, params, seed in cases]
+    assert concurrently(lambda case: engine_ids(engine, case[0], case[2], **case[1]), cases) == alone
+    assert len({tuple(ids) for ids in alone}) == len(alone)
+    assert engine_ids(engine, cases[0][0], 7, **cases[0][1]) != alone[0]  # and the seed matters
+
+
+def test_cancelling_one_of_8_leaves_the_other_7_token_for_token_unchanged(engine):
+    prompts = [long_prompt(engine, 20 + 50 * i) for i in range(8)]
+    params = SamplingParams(max_tokens=60, min_tokens=60, temperature=0.8, seed=0)
+    alone = [list(engine._generate_ids(ids, params, 5)) for ids in prompts]
+
+    def run(i):
+        tokens = []
+        for token in engine._generate_ids(prompts[i], params, 5):
+            tokens.append(token)
+            if i == 3 and len(tokens) == 10:
+                break  # the consumer goes away: the request stops
+        return tokens
+
+    together = concurrently(run, list(range(8)))
+    assert together[3] == alone[3][:10]
+    assert [t for i, t in enumerate(together) if i != 3] == [a for i, a in enumerate(alone) if i != 3]
+
+
+def raise_in_thread(thread: threading.Thread, exception: type[BaseException]) -> None:
+    """What Cog does to cancel a prediction: an exception injected into the predicting thread."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exception))
+
+
+class Cancelled(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("when", [0.0, 0.5])
+def test_a_cancel_during_a_20000_token_prefill_frees_the_engine_within_2_s(engine, when):
+    # when=0: the cancel lands before the first token could ever be read, right after submitting.
+    prompt = long_prompt(engine, 20000)
+    with ForwardCounter(engine.model) as forwards:
+        def consume():
+            try:
+                list(engine._generate_ids(prompt, SamplingParams(max_tokens=50), 0))
+            except Cancelled:
+                pass
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        time.sleep(when)
+        t0 = time.monotonic()
+        raise_in_thread(consumer, Cancelled)
+        consumer.join(timeout=5)
+        assert not consumer.is_alive() and time.monotonic() - t0 < 2
+        calls = forwards.calls
+        assert calls < len(prompt) // CHUNK  # stopped before the whole prompt went through
+        time.sleep(0.5)
+        assert forwards.calls == calls  # and nothing runs for nobody
+    assert not engine.scheduler._busy()
+    assert engine_ids(engine, long_prompt(engine, 30), max_tokens=5, **GREEDY)  # the next one runs
+
+
+def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monkeypatch):
+    prompts = [long_prompt(engine, 20 + 30 * i) for i in range(4)]
+    poisoned = long_prompt(engine, 77)
+    params = dict(max_tokens=30, min_tokens=30, **GREEDY)
+    alone = [engine_ids(engine, ids, **params) for ids in prompts]
+    prefill = engine.scheduler.forward.prefill
+    leftovers = []
+
+    def failing_prefill(slot, ids, start):
+        if ids.shape[0] == len(poisoned) and ids.tolist() == poisoned:
+            work = torch.ones(64, 2**20)  # 256 MB of this request's work in flight
+            leftovers.append(weakref.ref(work))
+            raise torch.OutOfMemoryError("injected: out of memory in this request's prefill")
+        return prefill(slot, ids, start)
+
+    monkeypatch.setattr(engine.scheduler.forward, "prefill", failing_prefill)
+
+    def run(ids):
+        try:
+            return engine_ids(engine, ids, **params)
+        except torch.OutOfMemoryError as e:
+            return e
+
+    results = concurrently(run, [*prompts[:2], poisoned, *prompts[2:]])
+    assert isinstance(results[2], torch.OutOfMemoryError) and "injected" in str(results[2])
+    assert results[:2] + results[3:] == alone
+    assert leftovers and leftovers[0]() is None  # freed at once: no traceback keeps it alive
+    del results
+    gc.collect()
+
+
+def test_every_model_call_runs_on_the_one_engine_thread(engine):
+    # CUDA graphs belong to the thread that captured them: all model calls must stay on one thread.
+    params = SamplingParams(max_tokens=4, min_tokens=4)
+    with ForwardCounter(engine.model) as forwards:
+        concurrently(lambda _: "".join(engine.stream("", "Hi", params)), range(4))
+        "".join(engine.stream("", "Hi", params))
+    assert forwards.calls >= 4
+    assert forwards.threads == {engine.scheduler._thread.ident}
+
+
+class TimedStats(GenerationStats):
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def token_arrived(self) -> None:
+        self.times.append(time.perf_counter())
+        super().token_arrived()
+
+
+def test_per_token_cost_stays_flat_as_the_output_grows(engine):
+    # Timing on a shared CPU is noisy: a real growth shows in every attempt, noise rarely in three.
+    ratios = []
+    for attempt in range(3):
+        stats = TimedStats()
+        params = SamplingParams(max_tokens=2100, min_tokens=2100, seed=3)
+        text = "".join(engine.stream("", "Write at length.", params, stats))
+        assert stats.output_token_count == 2100 and text
+        gaps = [b - a for a, b in zip(stats.times, stats.times[1:])]
+        early, late = statistics.median(gaps[10:210]), statistics.median(gaps[1900:2100])
+        ratios.append(late / early)
+        if late <= 1.2 * early:
+            return
+    pytest.fail(f"token ~2000 costs {min(ratios):.2f}x or more what token ~20 costs (attempts: {ratios})")
+
+
+def test_text_stream_cost_per_token_does_not_grow_with_the_text(engine):
+    ids = long_prompt(engine, 2100)[1:]
+    stream = TextStream(engine.token_bytes, ["never appears \u2603"])
+    costs = []
+    for token_id in ids:
+        t0 = time.perf_counter()
+        stream.push(token_id)
+        costs.append(time.perf_counter() - t0)
+    early, late = statistics.median(costs[10:210]), statistics.median(costs[1850:2050])
+    assert late <= 1.2 * early + 2e-6, f"push #2000 takes {late * 1e6:.1f} us, push #20 {early * 1e6:.1f} us"
+
+
+def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--reps", "2", "--prompt-lengths", "16", "64",
+         "--new-tokens", "32", "--streams", "1", "3", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (result_file,) = tmp_path.glob("decode-cpu-*.json")
+    report = json.loads(result_file.read_text())
+    assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
+    assert [row["prompt_tokens"] for row in report["results"]] == [16, 64]
+    for row in report["results"]:
+        for path in ("baseline", "project"):
+            assert all(run["tokens"] == 32 for run in row[path]["runs"])
+            assert row[path]["time_to_first_token_s"] > 0 and row[path]["bandwidth_share"] > 0
+        assert row["project_over_baseline_decode"] == pytest.approx(
+            row["project"]["decode_tokens_per_s"] / row["baseline"]["decode_tokens_per_s"])
+    assert [r["streams"] for r in report["streams"]] == [1, 3]
+    for r in report["streams"]:
+        assert r["aggregate_tokens_per_second"] == pytest.approx(r["streams"] * 32 / r["wall_seconds"])
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
