@@ -92,13 +92,15 @@ class Sampler:
     def _draw(self, scores: torch.Tensor, slots: torch.Tensor, candidates: int | None) -> torch.Tensor:
         """Greedy rows take the best token; the others draw from softmax(truncated scores / t)."""
         temperature = self.temperature[slots]
-        safe_t = torch.where(temperature > 0, temperature, 1.0)[:, None]
-        scaled = (scores - scores.amax(dim=-1, keepdim=True)) / safe_t
         k = candidates or self.vocab_size
         if k < self.vocab_size:
-            top, index = scaled.topk(k, dim=-1)
+            top, index = scores.topk(k, dim=-1)
         else:
-            top, index = scaled.sort(dim=-1, descending=True, stable=True)
+            top, index = scores.sort(dim=-1, descending=True, stable=True)
+        # Temperature keeps the order, so it applies to the candidates only, shifted to a maximum of 0.
+        safe_t = torch.where(temperature > 0, temperature, 1.0)[:, None]
+        best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)  # a row of only -inf stays -inf, not NaN
+        top = (top - best) / safe_t
         top = top.masked_fill(self._truncated(top, slots), -torch.inf)
         noise = gumbel_noise(self.seed[slots], self.generated[slots], index)
         sampled = index.gather(1, (top + noise).argmax(dim=-1, keepdim=True)).squeeze(1)
