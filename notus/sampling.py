@@ -7,15 +7,15 @@ frequency_penalty over the reply so far (as OpenAI), EOS held off until min_toke
 
 Everything is a tensor op on per-slot state (no host synchronisation, no Python branch on data),
 so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max with noise hashed
-from (the request's seed, its token index, the candidate's rank): a seed gives the same text alone
-or beside 31 other requests, and the draw follows exactly the distribution softmax(processed scores).
+from (the request's seed, its token index, the candidate's token id): a seed gives the same text
+alone or beside 31 other requests, and the draw follows exactly the distribution softmax(processed scores).
 No setting in range can put NaN or inf into it: scores are finite or -inf, temperature divides
 scores shifted to a maximum of 0, and the best candidate is always kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -59,9 +59,8 @@ class Sampler:
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
         """A new request in `slot`. Host-to-device writes only: nothing waits for the GPU."""
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty", "min_tokens", "seed"):
-            getattr(self, name)[slot] = getattr(settings, name)
+        for setting in fields(RowSettings):  # one per-slot tensor of the same name each
+            getattr(self, setting.name)[slot] = getattr(settings, setting.name)
         self.generated[slot] = 0
         self.counts[slot] = 0
         self.seen[slot] = False
@@ -125,6 +124,7 @@ class Sampler:
         top_p = self.top_p[slots][:, None]
         removed |= (before >= top_p) & (top_p < 1)  # the smallest set reaching top_p stays
         return removed & (rank > 0)
+
 
 def gumbel_noise(seed: torch.Tensor, index: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for `token_ids` [n, k]: a pure function of (seed, index, token id).
