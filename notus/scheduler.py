@@ -37,6 +37,7 @@ log = logging.getLogger("notus")
 
 CHUNK = 2048  # prefill tokens per turn
 LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # attention reads the bucket, not the window
+FINE_LENGTH_STEP = 64  # without CUDA graphs shapes cost nothing: attention reads just past the furthest row
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Scheduler:
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.rows = torch.arange(slots, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
-        self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
+        buckets = LENGTH_BUCKETS if self.cuda_graphs else range(FINE_LENGTH_STEP, self.window, FINE_LENGTH_STEP)
+        self.length_buckets = sorted({min(n, self.window) for n in buckets} | {self.window})
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Request] = deque()

@@ -94,6 +94,21 @@ def test_a_seed_gives_the_same_reply_alone_and_beside_7_others(engine):
     assert engine_ids(engine, cases[0][0], 7, **cases[0][1]) != alone[0]  # and the seed matters
 
 
+def test_the_gpu_step_shapes_give_the_same_tokens_as_the_cpu_shortcuts(engine):
+    """With CUDA graphs a step has one shape for every mix of settings: coarse length buckets, every
+    candidate sorted, penalties always applied. Run on the CPU (uncaptured), it must agree with the
+    CPU's shortcuts (fine buckets, top-k only, penalties skipped), greedy and seeded."""
+    graph_shaped = Engine(engine.model, engine.prompt, cuda_graphs=True)
+    try:
+        assert graph_shaped.scheduler.length_buckets != engine.scheduler.length_buckets
+        cases = [(long_prompt(engine, n), dict(max_tokens=20, **settings), 100 + i)
+                 for i, (n, settings) in enumerate(zip([3, 700, 4090, CHUNK + 5, 40, 300, 5000, 9], SAMPLED))]
+        shortcut = concurrently(lambda case: engine_ids(engine, case[0], case[2], **case[1]), cases)
+        assert concurrently(lambda case: engine_ids(graph_shaped, case[0], case[2], **case[1]), cases) == shortcut
+    finally:
+        graph_shaped.scheduler.close()
+
+
 def test_cancelling_one_of_8_leaves_the_other_7_token_for_token_unchanged(engine):
     prompts = [long_prompt(engine, 20 + 50 * i) for i in range(8)]
     params = SamplingParams(max_tokens=60, min_tokens=60, temperature=0.8, seed=0)
