@@ -11,9 +11,12 @@ import sys
 import time
 from typing import Optional
 
-import cog
-from cog import BasePredictor, ConcatenateIterator, Input
+from contextlib import aclosing
 
+import cog
+from cog import AsyncConcatenateIterator, BasePredictor, Input
+
+from notus.capacity import admitted_predictions
 from notus.checkpoint import check_checkpoint
 from notus.engine import Engine, GenerationStats
 from notus.loading import pick_device
@@ -48,15 +51,19 @@ class Predictor(BasePredictor):
         t_check = time.perf_counter()
         check_checkpoint(weights_dir)  # a broken file fails here, named, not deep inside the load
         log.info("checkpoint checked in %.2f s", time.perf_counter() - t_check)
-        self.engine = Engine.load(weights_dir, device)
+        # One KV-cache slot for each prediction Cog lets in at once (COG_MAX_CONCURRENCY), as many as fit.
+        self.engine = Engine.load(weights_dir, device, admitted=admitted_predictions())
         self.engine.warm_up()
         log.info("setup done in %.2f s", time.perf_counter() - t0)
         # Cog reads our stdout on another thread and closes the setup logs when setup returns:
         # a moment's pause keeps these last lines in them (seen missing without it).
         time.sleep(0.3)
 
-    @cog.streaming  # read by `cog build`: without it the built image refuses SSE (406)
-    def predict(
+    # Both read from this source by `cog build`: the literal max becomes the image's COG_MAX_CONCURRENCY
+    # (why 32: notus/capacity.py); without @cog.streaming the built image refuses SSE (406).
+    @cog.concurrent(max=32)
+    @cog.streaming
+    async def predict(
         self,
         prompt: str = Input(
             description="Your message to the assistant.", min_length=1, max_length=MAX_PROMPT_CHARS,
@@ -126,7 +133,7 @@ class Predictor(BasePredictor):
             description="Deprecated: the old name of min_tokens, still honoured. Send min_tokens "
             "instead; giving both with different values fails the prediction.",
         ),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         params = SamplingParams(
             max_tokens=with_alias("max_tokens", max_tokens, DEFAULT_MAX_TOKENS, "max_new_tokens", max_new_tokens),
             min_tokens=with_alias("min_tokens", min_tokens, DEFAULT_MIN_TOKENS, "min_new_tokens", min_new_tokens),
@@ -141,7 +148,11 @@ class Predictor(BasePredictor):
         )
         stats = GenerationStats()
         try:
-            yield from self.engine.stream(system_prompt, prompt, params, stats)
+            # A cancel (or a client gone) arrives here as asyncio.CancelledError: leaving the loop stops
+            # the request in the engine within a step, and the error goes on up to Cog.
+            async with aclosing(self.engine.stream(system_prompt, prompt, params, stats)) as pieces:
+                async for piece in pieces:
+                    yield piece
         finally:
             for name, value in stats.metrics().items():
                 self.record_metric(name, value)

@@ -1,7 +1,7 @@
 """The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), many requests at once.
 
 `Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
-them; any number of threads may call it at once. The tokens come from the engine thread
+them, asynchronously; any number of coroutines (on any event loops) may call it at once. The tokens come from the engine thread
 (notus/scheduler.py), which batches every request in flight into one decode step; as soon as a
 consumer stops (stop sequence, cancel, error) its request leaves the batch at the next step or
 prefill chunk, so its work stops within a token, not at max_tokens.
@@ -9,16 +9,18 @@ prefill chunk, so its work stops within a token, not at max_tokens.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import GenerationConfig
 
+from notus.capacity import kv_budget_bytes, kv_bytes_per_slot, plan_slots
 from notus.loading import load_model
 from notus.params import MAX_PROMPT_CHARS, SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
@@ -28,8 +30,10 @@ from notus.stream import TextStream, TokenBytes
 
 log = logging.getLogger("notus")
 
-# Sequences decoded at once (KV cache slots); the Cog level serves one prediction at a time for now.
+# Sequences decoded at once (KV-cache slots) where nobody says (tests, benchmarks); predict.py's
+# setup sizes it from what Cog admits (notus/capacity.py).
 DEFAULT_SLOTS = 8
+
 
 @dataclass
 class GenerationStats:
@@ -38,8 +42,9 @@ class GenerationStats:
     seed: int | None = None
     input_token_count: int = 0
     output_token_count: int = 0
-    time_to_first_token: float | None = None
+    time_to_first_token: float | None = None  # from the call, waiting for a slot included
     tokens_per_second: float | None = None
+    time_in_queue: float | None = None  # waiting for a free KV-cache slot (0 when one was free)
     _start: float = field(default_factory=time.perf_counter, repr=False)
     _first: float | None = field(default=None, repr=False)
 
@@ -58,6 +63,8 @@ class GenerationStats:
             "input_token_count": self.input_token_count,
             "output_token_count": self.output_token_count,
         }
+        if self.time_in_queue is not None:
+            out["time_in_queue"] = self.time_in_queue
         if self.time_to_first_token is not None:
             out["time_to_first_token"] = self.time_to_first_token
             out["tokens_per_second"] = self.tokens_per_second or (
@@ -79,15 +86,19 @@ class Engine:
         self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs)
 
     @classmethod
-    def load(cls, weights_dir: str | Path, device: str | None = None, slots: int = DEFAULT_SLOTS,
+    def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,
              cuda_graphs: bool | None = None) -> "Engine":
-        """Tokenizer and weights from `weights_dir`; bf16 on the GPU, float32 on the CPU."""
+        """Tokenizer and weights from `weights_dir` (bf16 on the GPU, float32 on the CPU), and a
+        KV-cache slot for each of `admitted` predictions at once, as many as fit (notus/capacity.py)."""
         weights_dir = Path(weights_dir)
         t0 = time.perf_counter()
         tokenizer, frame = load_tokenizer(weights_dir)
         prompt = ChatPrompt(tokenizer, frame)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
-        return cls(load_model(weights_dir, device), prompt, slots=slots, cuda_graphs=cuda_graphs)
+        model = load_model(weights_dir, device)
+        per_slot = kv_bytes_per_slot(model.config, model.dtype)
+        slots = plan_slots(admitted, per_slot, kv_budget_bytes(model.device))
+        return cls(model, prompt, slots=slots, cuda_graphs=cuda_graphs)
 
     def warm_up(self) -> None:
         """Captures every decode graph and runs every path once, so the first request is as fast as the tenth."""
@@ -96,30 +107,39 @@ class Engine:
         t_graphs = time.perf_counter() - t0
         sampled = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
                                  repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, seed=0)
-        for _ in self.stream("", "Hello", sampled):
-            pass
-        for _ in self.stream("", "Hello", SamplingParams(max_tokens=8, min_tokens=8, temperature=0)):
-            pass
-        log.info("warm-up done in %.2f s (%d CUDA graphs captured in %.2f s; %d slots of %.0f MiB KV cache)",
-                 time.perf_counter() - t0, graphs, t_graphs, self.scheduler.slots,
-                 self.scheduler.cache.bytes_per_slot / 2**20)
+        greedy = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
 
-    def stream(
+        async def both() -> None:
+            for params in (sampled, greedy):
+                async for _ in self.stream("", "Hello", params):
+                    pass
+
+        asyncio.run(both())
+        log.info("warm-up done in %.2f s (%d CUDA graphs captured in %.2f s)",
+                 time.perf_counter() - t0, graphs, t_graphs)
+
+    async def stream(
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
-    ) -> Iterator[str]:
-        """Text chunks of the reply, as soon as each is complete. Fills `stats` as it goes."""
+    ) -> AsyncIterator[str]:
+        """Text of the reply, as soon as each piece is complete. Fills `stats` as it goes."""
         if not prompt:
             raise ValueError("prompt must not be empty")
         for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
             if len(text) > MAX_PROMPT_CHARS:  # longer than any text that fits the context: don't tokenize it
                 raise ValueError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} can fit "
                                  f"the {self.context_length:,}-token context")
-        yield from self.stream_ids(self.prompt.ids(system_prompt, prompt), params, stats)
+        async with aclosing(self.stream_ids(self.prompt.ids(system_prompt, prompt), params, stats)) as pieces:
+            async for piece in pieces:
+                yield piece
 
-    def stream_ids(
+    async def stream_ids(
         self, input_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None
-    ) -> Iterator[str]:
-        """Text chunks of the reply to an already templated prompt (what stream() and the benchmark use)."""
+    ) -> AsyncIterator[str]:
+        """Text of the reply to an already templated prompt (what stream() and the benchmark use).
+
+        Tokens that arrived together come out as one piece: a consumer that falls behind (many
+        streams at once) catches up in fewer, larger pieces instead of lagging further.
+        """
         stats = stats if stats is not None else GenerationStats()
         params.validate()
         stats.input_token_count = len(input_ids)
@@ -129,20 +149,21 @@ class Engine:
         log.info("seed: %d", seed)
 
         text = TextStream(self.token_bytes, list(params.stop_sequences))
-        token_ids = self._generate_ids(input_ids, params, seed)
-        try:
-            for token_id in token_ids:
-                stats.token_arrived()
-                chunk = text.push(token_id)
-                if chunk:
-                    yield chunk
+        async with aclosing(self._generate_ids(input_ids, params, seed, stats)) as batches:
+            async for batch in batches:
+                piece = []
+                for token_id in batch:
+                    stats.token_arrived()
+                    piece.append(text.push(token_id))
+                    if text.stopped:
+                        break
+                if any(piece):
+                    yield "".join(piece)
                 if text.stopped:
-                    return
-            tail = text.finish()
-            if tail:
-                yield tail
-        finally:
-            token_ids.close()  # stops the model now, also when the caller stops reading
+                    return  # leaving the `async with` stops the request now
+        tail = text.finish()
+        if tail:
+            yield tail
 
     def _fit_context(self, prompt_tokens: int, params: SamplingParams) -> SamplingParams:
         room = self.context_length - prompt_tokens
@@ -177,27 +198,45 @@ class Engine:
             use_cache=True,  # notus's config.json says false (a training setting)
         )
 
-    def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
-        """Token ids as the model makes them; leaving the loop early stops the model."""
-        request = Request(input_ids=input_ids, max_tokens=params.max_tokens, settings=RowSettings(
+    async def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int,
+                            stats: GenerationStats | None = None) -> AsyncIterator[list[int]]:
+        """Token ids as the engine hands them out, in lists (those of one wake-up); leaving stops the model."""
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def wake() -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the consumer's loop has closed: nobody is left to wake
+                pass
+
+        request = Request(input_ids=input_ids, max_tokens=params.max_tokens, wake=wake, settings=RowSettings(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, min_tokens=params.min_tokens, seed=seed,
         ))
+        submitted = time.perf_counter()
         try:  # submitted inside the try: a cancel landing anywhere after this line still stops it
             self.scheduler.submit(request)
-            while True:
-                try:
-                    # A short timeout keeps this thread in Python often, so a cancellation
-                    # raised here by Cog is seen at once.
-                    token = request.tokens.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if token is None:
-                    break
-                yield token
+            ended = False
+            while not ended:
+                await arrived.wait()
+                arrived.clear()
+                if stats is not None and request.admitted_at is not None:
+                    stats.time_in_queue = request.admitted_at - submitted
+                batch = []
+                while request.tokens:
+                    token = request.tokens.popleft()
+                    if token is None:
+                        ended = True
+                        break
+                    batch.append(token)
+                if batch:
+                    yield batch
             if request.error is not None:
                 raise request.error
         finally:
-            request.stop.set()
-            request.done.wait()  # its slot is free again, its work on the GPU stopped
+            request.stop.set()  # the engine drops it at its next turn, wherever it is
+            while not request.done.is_set():  # its slot free again, its work on the GPU stopped
+                arrived.clear()
+                await arrived.wait()

@@ -32,10 +32,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.scratch = slots
 
-    @property
-    def bytes_per_slot(self) -> int:
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
-
 
 class Forward:
     """Prefill chunks and batched decode steps of `model` over `cache`."""

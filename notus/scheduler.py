@@ -22,6 +22,7 @@ import bisect
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -40,18 +41,28 @@ LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # attention reads the
 FINE_LENGTH_STEP = 64  # without CUDA graphs shapes cost nothing: attention reads just past the furthest row
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Request:
-    """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed."""
+    """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed.
+
+    The engine thread calls `wake()` after it appends to `tokens` (once per step, not per token):
+    the consumer's cue to read them, from any thread or event loop.
+    """
 
     input_ids: list[int]
     max_tokens: int
     settings: RowSettings = field(default_factory=RowSettings)
-    tokens: queue.Queue = field(default_factory=queue.Queue)
+    wake: Callable[[], None] = _nothing
+    tokens: deque = field(default_factory=deque)
     stop: threading.Event = field(default_factory=threading.Event)  # set by the consumer: stop now
     done: threading.Event = field(default_factory=threading.Event)  # set by the engine thread
     error: BaseException | None = None
     # The engine thread's bookkeeping.
+    admitted_at: float | None = None  # perf_counter() when it got a slot
     slot: int | None = None
     prefilled: int = 0
     sampled: int = 0  # tokens sampled (some maybe not read yet)
@@ -167,6 +178,7 @@ class Scheduler:
         while self._free and self._waiting:
             request = self._waiting.popleft()
             request.slot = self._free.pop(0)  # the lowest free slot: batch buckets stay small
+            request.admitted_at = time.perf_counter()
             self._prefilling.append(request)
 
     def _prefill_chunk(self, request: Request) -> None:
@@ -264,10 +276,12 @@ class Scheduler:
                 if request.done.is_set():
                     continue  # finished or stopped while the step was in flight
                 token = values[row]
-                request.tokens.put(token)
+                request.tokens.append(token)
                 request.delivered += 1
                 if token == self.eos_id or request.delivered == request.max_tokens:
-                    self._finish(request)
+                    self._finish(request)  # wakes it
+                else:
+                    request.wake()
 
     def _finish(self, request: Request) -> None:
         """Ends a request wherever it is and frees its slot."""
@@ -278,8 +292,9 @@ class Scheduler:
             self.active[request.slot] = False
             bisect.insort(self._free, request.slot)
             request.slot = None
-        request.tokens.put(None)
+        request.tokens.append(None)
         request.done.set()
+        request.wake()
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         # Logged as text, then cut from its traceback: nothing (not even a log handler keeping the

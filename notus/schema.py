@@ -8,7 +8,8 @@ code's output (cog's pkg/schema/openapi_spec.go) from cog's own inspection of th
 Streaming (`x-cog-streaming`) is decided as the builder decides it (pkg/schema/python/annotations.go):
 from the source, where the predict method must be decorated with `@cog.streaming` (or `streaming`
 imported from cog). The decorator does nothing at run time, so only reading the source shows that
-it is missing, here in our tests instead of as 406s after `cog push`.
+it is missing, here in our tests instead of as 406s after `cog push`. The same goes for
+`@cog.concurrent(max=N)`, which the builder turns into the image's COG_MAX_CONCURRENCY.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ def input_schema(info) -> dict[str, Any]:
     return schema
 
 
-def declares_streaming(source: str, class_name: str) -> bool:
-    """Whether the class's run() (else predict()) carries cog's @streaming decorator."""
+def _cog_decorators(source: str, class_name: str) -> tuple[ast.AST, dict[str, ast.expr]]:
+    """The class's run() (else predict()) and its decorators from cog, by name ("streaming", "concurrent")."""
     tree = ast.parse(source)
     # Top-level imports only, as the builder reads them: `import cog [as c]`, `from cog import streaming [as s]`.
-    cog_names, streaming_names = set(), set()
+    cog_names, imported = set(), {}
     for node in tree.body:
         if isinstance(node, ast.Import):
             cog_names |= {a.asname or a.name for a in node.names if a.name == "cog"}
         elif isinstance(node, ast.ImportFrom) and node.module == "cog" and not node.level:
-            streaming_names |= {a.asname or a.name for a in node.names if a.name == "streaming"}
+            imported |= {a.asname or a.name: a.name for a in node.names}
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
     if not classes:
         raise ValueError(f"class {class_name} not found")
@@ -87,14 +88,43 @@ def declares_streaming(source: str, class_name: str) -> bool:
     method = methods.get("run") or methods.get("predict")
     if method is None:
         raise ValueError(f"{class_name} must define run() or predict()")
+    found = {}
     for decorator in method.decorator_list:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
-        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
-            if target.attr == "streaming" and target.value.id in cog_names:
-                return True
-        elif isinstance(target, ast.Name) and target.id in streaming_names:
-            return True
-    return False
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in cog_names:
+            found.setdefault(target.attr, decorator)
+        elif isinstance(target, ast.Name) and target.id in imported:
+            found.setdefault(imported[target.id], decorator)
+    return method, found
+
+
+def declares_streaming(source: str, class_name: str) -> bool:
+    """Whether the class's run() (else predict()) carries cog's @streaming decorator."""
+    return "streaming" in _cog_decorators(source, class_name)[1]
+
+
+def declared_concurrency(source: str, class_name: str) -> int | None:
+    """N of `@cog.concurrent(max=N)`, as the builder reads it (a literal int; bare: 1); None without it.
+
+    `cog build` bakes N into the image as COG_MAX_CONCURRENCY, the only thing the server reads.
+    """
+    method, found = _cog_decorators(source, class_name)
+    decorator = found.get("concurrent")
+    if decorator is None:
+        return None
+    if not isinstance(decorator, ast.Call) or not (decorator.args or decorator.keywords):
+        return 1
+    keywords = decorator.keywords
+    if decorator.args or len(keywords) != 1 or keywords[0].arg != "max":
+        raise ValueError("@concurrent only supports literal integer max=... arguments")
+    value = keywords[0].value
+    if not (isinstance(value, ast.Constant) and type(value.value) is int):
+        raise ValueError("@concurrent max must be an integer literal")
+    if value.value < 1:
+        raise ValueError("@concurrent max must be at least 1")
+    if value.value > 1 and not isinstance(method, ast.AsyncFunctionDef):
+        raise ValueError("@cog.concurrent(max > 1) requires an async run() or predict() method")
+    return value.value
 
 
 def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict[str, Any]:
@@ -208,7 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write .cog/openapi_schema.json as `cog build` would.")
     parser.add_argument("--out", default=".cog/openapi_schema.json")
     parser.add_argument("--predictor", default="predict.py:Predictor", help="file.py:Class, as cog.yaml's predict key")
+    parser.add_argument("--concurrency", action="store_true",
+                        help="print the COG_MAX_CONCURRENCY `cog build` bakes into the image (from @cog.concurrent), and exit")
     args = parser.parse_args(argv)
+    if args.concurrency:
+        path, class_name = args.predictor.split(":")
+        print(declared_concurrency(Path(path).read_text(), class_name) or 1)
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(openapi_schema(args.predictor), indent=2) + "\n")

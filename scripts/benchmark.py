@@ -29,6 +29,7 @@ each N's aggregate over the first N's. Writes JSON under benchmarks/ and prints 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import statistics
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,11 +145,15 @@ def run_baseline(engine: Engine, ids: list[int], new_tokens: int) -> dict:
     return _timing(t0, times[0], end, len(times), text)
 
 
+async def joined(pieces) -> str:
+    return "".join([piece async for piece in pieces])
+
+
 def run_project(engine: Engine, ids: list[int], new_tokens: int) -> dict:
-    """The path Predictor.predict runs: Engine.stream_ids."""
+    """The path Predictor.predict runs: Engine.stream_ids, on an event loop as in Cog's worker."""
     stats = GenerationStats()
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, seed=0)
-    text = "".join(engine.stream_ids(ids, params, stats))
+    text = asyncio.run(joined(engine.stream_ids(ids, params, stats)))
     end = time.perf_counter()
     first = stats._start + stats.time_to_first_token
     return _timing(stats._start, first, end, stats.output_token_count, text)
@@ -211,24 +215,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_streams(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
-    """len(prompts) requests at once, each in its own thread, as concurrent callers would send them."""
-    barrier = threading.Barrier(len(prompts) + 1)
+    """len(prompts) requests at once, as concurrent predictions on the one event loop of Cog's worker."""
 
-    def one(i: int) -> tuple[GenerationStats, float]:
+    async def one(i: int) -> tuple[GenerationStats, float]:
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
                                 top_k=50, seed=i)
         stats = GenerationStats()
-        barrier.wait()
-        stats._start = time.perf_counter()
-        for _ in engine.stream_ids(prompts[i], params, stats):
+        async for _ in engine.stream_ids(prompts[i], params, stats):
             pass
         return stats, time.perf_counter()
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(one, i) for i in range(len(prompts))]
-        barrier.wait()
+    async def all_of_them() -> tuple[float, list]:
         start = time.perf_counter()
-        done = [f.result() for f in futures]
+        return start, await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    start, done = asyncio.run(all_of_them())
     end = max(t for _, t in done)
     tokens = sum(stats.output_token_count for stats, _ in done)
     assert tokens == new_tokens * len(prompts), "a stream ended early"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+from aio import text as joined_text
 from notus.engine import GenerationStats
 from notus.params import SamplingParams
 
@@ -17,7 +19,7 @@ EOS = 2
 
 def reply(engine, prompt="Tell me a story.", system_prompt="", **params) -> tuple[str, GenerationStats]:
     stats = GenerationStats()
-    text = "".join(engine.stream(system_prompt, prompt, SamplingParams(**params), stats))
+    text = joined_text(engine.stream(system_prompt, prompt, SamplingParams(**params), stats))
     return text, stats
 
 
@@ -167,16 +169,22 @@ def test_empty_prompt_is_refused(engine):
 
 
 def test_leaving_the_stream_stops_the_model(engine):
-    stream = engine.stream("", "Go on forever", SamplingParams(max_tokens=32000, min_tokens=32000, seed=1))
-    for _, _ in zip(range(5), stream):
-        pass
-    with ForwardCounter(engine.model) as forwards:
-        t0 = time.perf_counter()
-        stream.close()
-        assert time.perf_counter() - t0 < 2
-        after_close = forwards.calls
-        time.sleep(0.3)
-        assert forwards.calls == after_close <= 1  # at most the step already queued, then nothing
+    async def read_five_then_leave():
+        stream = engine.stream("", "Go on forever", SamplingParams(max_tokens=32000, min_tokens=32000, seed=1))
+        pieces = 0
+        async for _ in stream:
+            pieces += 1
+            if pieces == 5:
+                break
+        with ForwardCounter(engine.model) as forwards:
+            t0 = time.perf_counter()
+            await stream.aclose()
+            assert time.perf_counter() - t0 < 2
+            after_close = forwards.calls
+            await asyncio.sleep(0.3)
+            assert forwards.calls == after_close <= 1  # at most the step already queued, then nothing
+
+    asyncio.run(read_five_then_leave())
     text, _ = reply(engine, seed=1, max_tokens=5)  # and the next request runs normally
     assert text
 

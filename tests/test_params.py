@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 import torch
 
+from aio import flattened, text
 from notus.engine import GenerationStats
 from notus.params import (
     CONTEXT_LENGTH,
@@ -52,7 +54,7 @@ def test_new_name_and_alias_that_disagree_fail_naming_both():
 
 def reply_ids(engine, prompt="Tell me a story.", **params) -> list[int]:
     ids = engine.prompt.ids("", prompt)
-    return list(engine._generate_ids(ids, SamplingParams(**params), seed=params.get("seed", 0)))
+    return asyncio.run(flattened(engine._generate_ids(ids, SamplingParams(**params), seed=params.get("seed", 0))))
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1e-39), dict(top_p=0.0), dict(top_k=1)])
@@ -71,8 +73,8 @@ EXTREMES = [
 @pytest.mark.parametrize("settings", EXTREMES)
 def test_every_setting_in_range_generates(engine, settings):
     stats = GenerationStats()
-    text = "".join(engine.stream("", "Hi", SamplingParams(max_tokens=30, min_tokens=30, seed=1, **settings), stats))
-    assert stats.output_token_count == 30 and text
+    assert text(engine.stream("", "Hi", SamplingParams(max_tokens=30, min_tokens=30, seed=1, **settings), stats))
+    assert stats.output_token_count == 30
 
 
 LOGITS = {

@@ -6,21 +6,21 @@ the sliding window, seeds do not depend on the batch, cancels and failures touch
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import gc
 import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
 import torch
 
+from aio import concurrently, flattened, joined, text
 from notus.engine import Engine, GenerationStats
 from notus.params import SamplingParams
 from notus.scheduler import CHUNK
@@ -39,25 +39,17 @@ def generate_reference(engine: Engine, ids: list[int], **params) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+async def ids_of(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
+    return await flattened(engine._generate_ids(ids, SamplingParams(**params), seed=seed))
+
+
 def engine_ids(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
-    return list(engine._generate_ids(ids, SamplingParams(**params), seed=seed))
+    return asyncio.run(ids_of(engine, ids, seed, **params))
 
 
 def long_prompt(engine: Engine, length: int) -> list[int]:
     generator = torch.Generator().manual_seed(length)
     return [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
-
-
-def concurrently(fn, items) -> list:
-    """fn(item) for every item, all at once, in as many threads."""
-    barrier = threading.Barrier(len(items))
-
-    def start(item):
-        barrier.wait()
-        return fn(item)
-
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(start, items))
 
 
 # Prompt lengths that put the 8 sequences at very different positions: short, across a prefill
@@ -70,7 +62,7 @@ def test_greedy_equals_generate_alone_and_as_one_of_8_concurrent_sequences(engin
     params = dict(max_tokens=24, min_tokens=24, **GREEDY)
     expected = [generate_reference(engine, ids, **params) for ids in prompts]
     assert [engine_ids(engine, ids, **params) for ids in prompts] == expected
-    assert concurrently(lambda ids: engine_ids(engine, ids, **params), prompts) == expected
+    assert concurrently(lambda ids: ids_of(engine, ids, **params), prompts) == expected
 
 
 SAMPLED = [
@@ -89,7 +81,7 @@ def test_a_seed_gives_the_same_reply_alone_and_beside_7_others(engine):
     cases = [(long_prompt(engine, 10 + 37 * i), dict(max_tokens=40, **settings), 100 + i)
              for i, settings in enumerate(SAMPLED)]
     alone = [engine_ids(engine, ids, seed, **params) for ids, params, seed in cases]
-    assert concurrently(lambda case: engine_ids(engine, case[0], case[2], **case[1]), cases) == alone
+    assert concurrently(lambda case: ids_of(engine, case[0], case[2], **case[1]), cases) == alone
     assert len({tuple(ids) for ids in alone}) == len(alone)
     assert engine_ids(engine, cases[0][0], 7, **cases[0][1]) != alone[0]  # and the seed matters
 
@@ -103,57 +95,49 @@ def test_the_gpu_step_shapes_give_the_same_tokens_as_the_cpu_shortcuts(engine):
         assert graph_shaped.scheduler.length_buckets != engine.scheduler.length_buckets
         cases = [(long_prompt(engine, n), dict(max_tokens=20, **settings), 100 + i)
                  for i, (n, settings) in enumerate(zip([3, 700, 4090, CHUNK + 5, 40, 300, 5000, 9], SAMPLED))]
-        shortcut = concurrently(lambda case: engine_ids(engine, case[0], case[2], **case[1]), cases)
-        assert concurrently(lambda case: engine_ids(graph_shaped, case[0], case[2], **case[1]), cases) == shortcut
+        shortcut = concurrently(lambda case: ids_of(engine, case[0], case[2], **case[1]), cases)
+        assert concurrently(lambda case: ids_of(graph_shaped, case[0], case[2], **case[1]), cases) == shortcut
     finally:
         graph_shaped.scheduler.close()
 
 
 def test_cancelling_one_of_8_leaves_the_other_7_token_for_token_unchanged(engine):
     prompts = [long_prompt(engine, 20 + 50 * i) for i in range(8)]
-    params = SamplingParams(max_tokens=60, min_tokens=60, temperature=0.8, seed=0)
-    alone = [list(engine._generate_ids(ids, params, 5)) for ids in prompts]
+    settings = dict(max_tokens=60, min_tokens=60, temperature=0.8)
+    params = SamplingParams(**settings)
+    alone = [engine_ids(engine, ids, 5, **settings) for ids in prompts]
 
-    def run(i):
+    async def run(i):
         tokens = []
-        for token in engine._generate_ids(prompts[i], params, 5):
-            tokens.append(token)
-            if i == 3 and len(tokens) == 10:
-                break  # the consumer goes away: the request stops
+        async with aclosing(engine._generate_ids(prompts[i], params, 5)) as batches:
+            async for batch in batches:
+                tokens += batch
+                if i == 3 and len(tokens) >= 10:
+                    return tokens  # the consumer goes away: the request stops
         return tokens
 
     together = concurrently(run, list(range(8)))
-    assert together[3] == alone[3][:10]
+    assert together[3] == alone[3][:len(together[3])] and len(together[3]) < 60
     assert [t for i, t in enumerate(together) if i != 3] == [a for i, a in enumerate(alone) if i != 3]
-
-
-def raise_in_thread(thread: threading.Thread, exception: type[BaseException]) -> None:
-    """What Cog does to cancel a prediction: an exception injected into the predicting thread."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exception))
-
-
-class Cancelled(BaseException):
-    pass
 
 
 @pytest.mark.parametrize("when", [0.0, 0.5])
 def test_a_cancel_during_a_20000_token_prefill_frees_the_engine_within_2_s(engine, when):
     # when=0: the cancel lands before the first token could ever be read, right after submitting.
+    # Cog cancels an async prediction the same way: CancelledError at the task's await.
     prompt = long_prompt(engine, 20000)
-    with ForwardCounter(engine.model) as forwards:
-        def consume():
-            try:
-                list(engine._generate_ids(prompt, SamplingParams(max_tokens=50), 0))
-            except Cancelled:
-                pass
 
-        consumer = threading.Thread(target=consume)
-        consumer.start()
-        time.sleep(when)
+    async def cancel_after(delay):
+        consumer = asyncio.create_task(ids_of(engine, prompt, max_tokens=50))
+        await asyncio.sleep(delay)
         t0 = time.monotonic()
-        raise_in_thread(consumer, Cancelled)
-        consumer.join(timeout=5)
-        assert not consumer.is_alive() and time.monotonic() - t0 < 2
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        return time.monotonic() - t0
+
+    with ForwardCounter(engine.model) as forwards:
+        assert asyncio.run(cancel_after(when)) < 2
         calls = forwards.calls
         assert calls < len(prompt) // CHUNK  # stopped before the whole prompt went through
         time.sleep(0.5)
@@ -179,9 +163,9 @@ def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monke
 
     monkeypatch.setattr(engine.scheduler.forward, "prefill", failing_prefill)
 
-    def run(ids):
+    async def run(ids):
         try:
-            return engine_ids(engine, ids, **params)
+            return await ids_of(engine, ids, **params)
         except torch.OutOfMemoryError as e:
             return e
 
@@ -197,8 +181,8 @@ def test_every_model_call_runs_on_the_one_engine_thread(engine):
     # CUDA graphs belong to the thread that captured them: all model calls must stay on one thread.
     params = SamplingParams(max_tokens=4, min_tokens=4)
     with ForwardCounter(engine.model) as forwards:
-        concurrently(lambda _: "".join(engine.stream("", "Hi", params)), range(4))
-        "".join(engine.stream("", "Hi", params))
+        concurrently(lambda _: joined(engine.stream("", "Hi", params)), range(4))
+        text(engine.stream("", "Hi", params))
     assert forwards.calls >= 4
     assert forwards.threads == {engine.scheduler._thread.ident}
 
@@ -219,8 +203,8 @@ def test_per_token_cost_stays_flat_as_the_output_grows(engine):
     for attempt in range(3):
         stats = TimedStats()
         params = SamplingParams(max_tokens=2100, min_tokens=2100, seed=3)
-        text = "".join(engine.stream("", "Write at length.", params, stats))
-        assert stats.output_token_count == 2100 and text
+        assert text(engine.stream("", "Write at length.", params, stats))
+        assert stats.output_token_count == 2100
         gaps = [b - a for a, b in zip(stats.times, stats.times[1:])]
         early, late = statistics.median(gaps[10:210]), statistics.median(gaps[1900:2100])
         ratios.append(late / early)

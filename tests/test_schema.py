@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, Server
-from notus.schema import declares_streaming
+from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, kv_bytes_per_slot, slots_that_fit
+from notus.schema import declared_concurrency, declares_streaming
 
 HEADER = "from cog import BasePredictor, ConcatenateIterator\n"
 
@@ -89,3 +92,54 @@ def test_sse_needs_the_decorator_as_in_the_built_image(tmp_path, decorated):
         assert server.predict(prompt="hi").json()["output"] == ["echo: ", "hi"]  # JSON works either way
     finally:
         server.stop()
+
+
+def concurrent_predictor(decorator: str, imports: str = "import cog\n", asynchronous: bool = True) -> str:
+    return f"{imports}class Predictor:\n    {decorator}\n    {'async ' if asynchronous else ''}def predict(self): ...\n"
+
+
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        (concurrent_predictor("@cog.concurrent(max=32)"), 32),
+        (concurrent_predictor("@c.concurrent(max=4)", "import cog as c\n"), 4),
+        (concurrent_predictor("@concurrent(max=2)", "from cog import concurrent\n"), 2),
+        (concurrent_predictor("@cog.concurrent"), 1),
+        (concurrent_predictor("@cog.concurrent()"), 1),
+        (concurrent_predictor("@cog.streaming"), None),
+        (concurrent_predictor("@other.concurrent(max=9)", "import other\n"), None),
+    ],
+)
+def test_concurrency_is_read_from_the_source_as_cog_build_reads_it(source, expected):
+    assert declared_concurrency(source, "Predictor") == expected
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        (concurrent_predictor("@cog.concurrent(max=N)"), "integer literal"),
+        (concurrent_predictor("@cog.concurrent(8)"), "literal integer max="),
+        (concurrent_predictor("@cog.concurrent(max=0)"), "at least 1"),
+        (concurrent_predictor("@cog.concurrent(max=8)", asynchronous=False), "requires an async"),
+    ],
+)
+def test_concurrency_the_builder_refuses_is_refused(source, message):
+    with pytest.raises(ValueError, match=message):
+        declared_concurrency(source, "Predictor")
+
+
+def test_the_image_admits_the_default_concurrency_and_it_fits_an_a40():
+    """predict.py's literal (what `cog build` bakes in) is notus/capacity.py's worked-out default,
+    and that many 512 MiB slots fit an A40 beside notus's bf16 weights and the reserve."""
+    assert declared_concurrency((REPO / "predict.py").read_text(), "Predictor") == DEFAULT_CONCURRENCY
+    config = AutoConfig.from_pretrained(REPO / "weights")
+    per_slot = kv_bytes_per_slot(config, torch.bfloat16)
+    assert per_slot == 512 * 2**20
+    with torch.device("meta"):  # notus's exact architecture, no memory: its bf16 weights' size
+        weights = sum(p.numel() * 2 for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert 14.4e9 < weights < 14.6e9
+    fit = slots_that_fit(A40_MEMORY - CUDA_CONTEXT - weights, per_slot)
+    assert DEFAULT_CONCURRENCY <= fit < 2 * DEFAULT_CONCURRENCY  # fits, without leaving most of the card idle
+    result = subprocess.run([sys.executable, "-m", "notus.schema", "--concurrency"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == str(DEFAULT_CONCURRENCY)  # what scripts/serve exports

@@ -7,12 +7,13 @@ import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from aio import text
+from cog_server import sse_events
 from conftest import failed_setup_logs
 from notus.params import MAX_PROMPT_CHARS, MAX_SEED, SamplingParams
 
@@ -22,7 +23,8 @@ def test_health_is_ready_and_setup_logs_its_phases(server):
     assert health["status"] == "READY"
     logs = health["setup"]["logs"]
     for phase in ("checkpoint checked in", "tokenizer loaded in", "weights read from disk in", "weights moved to",
-                  "weights loaded in", "GB/s", "warm-up done in", "setup done in"):
+                  "weights loaded in", "GB/s", "warm-up done in", "setup done in",
+                  "32 predictions at once (COG_MAX_CONCURRENCY=32): 32 KV-cache slots of 2 MiB"):
         assert phase in logs
 
 
@@ -63,7 +65,7 @@ def test_sync_prediction_matches_the_engine(server, engine):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body
-    expected = "".join(engine.stream("Be brief.", "Hello there", SamplingParams(max_tokens=30, seed=42)))
+    expected = text(engine.stream("Be brief.", "Hello there", SamplingParams(max_tokens=30, seed=42)))
     assert "".join(body["output"]) == expected
     assert "seed: 42" in body["logs"]
     metrics = body["metrics"]
@@ -72,22 +74,11 @@ def test_sync_prediction_matches_the_engine(server, engine):
     assert metrics["time_to_first_token"] > 0 and metrics["tokens_per_second"] > 0
 
 
-def sse_events(response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    response.encoding = "utf-8"  # SSE is always UTF-8; requests would guess Latin-1
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event:"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            events.append((name, json.loads(line.split(":", 1)[1])))
-    return events
-
-
 def test_sse_streams_each_chunk(server):
     inputs = dict(prompt="Stream it", max_tokens=25, min_tokens=25, seed=9)
     response = server.predict(headers={"Accept": "text/event-stream"}, **inputs)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(response)
+    events = list(sse_events(response))
     chunks = [data["chunk"] for name, data in events if name == "output"]
     completed = [data for name, data in events if name == "completed"]
     assert len(chunks) > 5 and all(chunks)
@@ -215,11 +206,6 @@ class _Webhooks(BaseHTTPRequestHandler):
         pass
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
-
-
 def test_cancel_stops_generation_and_the_next_prediction_works(server):
     hooks = HTTPServer(("127.0.0.1", 0), _Webhooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
@@ -237,10 +223,9 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
         deadline = time.monotonic() + 30
         while not any(h.get("output") for h in _Webhooks.received) and time.monotonic() < deadline:
             time.sleep(0.1)  # wait until it is really generating
-        worker = server.worker_pid()
-        busy_start = cpu_seconds(worker)
+        busy_start = server.worker_cpu_seconds()
         time.sleep(1)
-        assert cpu_seconds(worker) - busy_start > 0.5  # generating: a core busy
+        assert server.worker_cpu_seconds() - busy_start > 0.5  # generating: a core busy
 
         assert requests.post(f"{server.url}/predictions/cancel-me/cancel", timeout=10).status_code == 200
         deadline = time.monotonic() + 10
@@ -248,9 +233,9 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
             time.sleep(0.1)
         assert any(h["status"] == "canceled" for h in _Webhooks.received)
         time.sleep(0.5)
-        idle_start = cpu_seconds(worker)
+        idle_start = server.worker_cpu_seconds()
         time.sleep(1.5)
-        assert cpu_seconds(worker) - idle_start < 0.2  # the generation itself stopped, not only the stream
+        assert server.worker_cpu_seconds() - idle_start < 0.2  # the generation itself stopped, not only the stream
         assert server.wait_ready()["status"] == "READY"
         assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
     finally:

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Serving benchmark: concurrent streaming clients through the real Cog server (scripts/serve).
+
+    python scripts/benchmark_server.py --tiny                        # CPU: tiny random notus, under 3 minutes
+    python scripts/benchmark_server.py --random /tmp/notus-random    # GPU: notus's exact size, random bf16
+                                                                     # weights (written there first if missing)
+    python scripts/benchmark_server.py --weights weights/            # GPU: the real checkpoint
+
+For each N of --clients (default 1 8 32), N clients at once, each streaming one prediction over SSE
+(Accept: text/event-stream), as callers of the HTTP API would: a prompt of --prompt-tokens tokens
+(chat template included), exactly --new-tokens new tokens (min_tokens = max_tokens), sampled at
+temperature 0.7 / top_p 0.95 / top_k 50 with a seed of its own. Reported per N: aggregate output
+tokens/s (every token over the time from the requests to the last stream's end), time to first token
+p50/p95 from the predictions' own metric and as a client sees it (request sent to first output
+event; with coglet 0.23.1 that is when the prediction ends, see README), per-stream tokens/s (median,
+from the prediction's own metrics), and the aggregate over the first N's. Then --sequential back-to-back
+predictions from one client, counting 409s. Writes JSON under benchmarks/ and prints a markdown table.
+The server runs as the built image would (COG_MAX_CONCURRENCY from predict.py's @cog.concurrent,
+unless set in the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark import percentile  # noqa: E402
+from cog_server import Server, sse_events  # noqa: E402
+from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
+from random_checkpoint import write_full, write_tiny  # noqa: E402
+
+
+def prompt_of(weights: Path, tokens: int) -> str:
+    """A user message whose templated prompt is `tokens` tokens long (or the first length past it)."""
+    tokenizer, frame = load_tokenizer(weights)
+    prompt = ChatPrompt(tokenizer, frame)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    text = ""
+    while len(prompt.ids("", text or "x")) < tokens:
+        text += words[len(text.split()) % len(words)] + " "
+    return text.strip()
+
+
+def stream_one(url: str, inputs: dict, start: threading.Barrier | None = None) -> dict:
+    """One SSE prediction: when its first output arrived, its metrics, its status."""
+    if start is not None:
+        start.wait()
+    t0 = time.perf_counter()
+    first = None
+    completed = {}
+    with requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
+                       stream=True, timeout=600) as response:
+        if response.status_code != 200:
+            return {"status": f"HTTP {response.status_code}", "error": response.text}
+        for event, data in sse_events(response):
+            if event == "output" and first is None:
+                first = time.perf_counter()
+            elif event == "completed":
+                completed = data
+    end = time.perf_counter()
+    return {
+        "status": completed.get("status"),
+        "error": completed.get("error"),
+        "time_to_first_token_s": None if first is None else first - t0,
+        "end": end,
+        "metrics": completed.get("metrics", {}),
+    }
+
+
+def run_clients(url: str, n: int, prompt: str, new_tokens: int) -> dict:
+    """n clients at once, one streaming prediction each."""
+    start = threading.Barrier(n + 1)
+    results: list[dict] = [{} for _ in range(n)]
+
+    def client(i: int) -> None:
+        inputs = dict(prompt=prompt, max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
+                      top_k=50, seed=i)
+        results[i] = stream_one(url, inputs, start)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    failed = [r for r in results if r["status"] != "succeeded"]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {n} predictions did not succeed, e.g. {failed[0]}")
+    tokens = sum(r["metrics"]["output_token_count"] for r in results)
+    assert tokens == n * new_tokens, "a stream ended early"
+    ttfts = [r["time_to_first_token_s"] for r in results]
+    metric_ttfts = [r["metrics"]["time_to_first_token"] for r in results]
+    return {
+        "clients": n,
+        "new_tokens_each": new_tokens,
+        "wall_seconds": max(r["end"] for r in results) - t0,
+        "aggregate_tokens_per_second": tokens / (max(r["end"] for r in results) - t0),
+        "per_stream_tokens_per_second_median": statistics.median(r["metrics"]["tokens_per_second"] for r in results),
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+        # The prediction's own time_to_first_token metric: when the engine handed out the first token.
+        # coglet 0.23.1 sends an async predict's chunks only when it ends, so clients see them later.
+        "metric_ttft_p50_s": percentile(metric_ttfts, 0.5),
+        "metric_ttft_p95_s": percentile(metric_ttfts, 0.95),
+        "time_in_queue_max_s": max(r["metrics"].get("time_in_queue", 0.0) for r in results),
+    }
+
+
+def back_to_back(url: str, count: int) -> dict:
+    """`count` sync predictions one after another from one client: how many met 409."""
+    codes = [requests.post(f"{url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}}, timeout=60).status_code
+             for _ in range(count)]
+    return {"predictions": count, "http_409": codes.count(409), "http_200": codes.count(200)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiny", action="store_true", help="the tiny random notus (CPU)")
+    source.add_argument("--random", type=Path, help="a random-weight notus of the exact size here (written if missing)")
+    source.add_argument("--weights", type=Path, help="a real checkpoint")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--sequential", type=int, default=100, help="back-to-back predictions to count 409s over")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+
+    if args.tiny:
+        weights, model = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), "tiny random notus, float32"
+    elif args.random:
+        if not (args.random / "model.safetensors.index.json").exists():
+            write_full(args.random)
+        weights, model = args.random, "random-weight notus-7b-v1 (exact config), bf16"
+    else:
+        weights, model = args.weights, f"notus-7b-v1 weights from {args.weights}"
+    prompt = prompt_of(weights, args.prompt_tokens)
+
+    log_path = Path(tempfile.mkdtemp(prefix="notus-server-")) / "server.log"
+    t0 = time.perf_counter()
+    server = Server(weights, log_path, wait_ready=False)
+    try:
+        health = server.wait_ready(timeout=1800)
+        setup_seconds = time.perf_counter() - t0
+        setup_logs = health["setup"]["logs"]
+        run_clients(server.url, max(args.clients), prompt, 4)  # warm-up: every batch size, briefly
+        runs = []
+        for n in args.clients:
+            runs.append(run_clients(server.url, n, prompt, args.new_tokens))
+            runs[-1]["aggregate_over_first"] = runs[-1]["aggregate_tokens_per_second"] / runs[0]["aggregate_tokens_per_second"]
+        sequential = back_to_back(server.url, args.sequential)
+    finally:
+        server.stop()
+
+    import torch  # only for the report: which torch the server ran
+
+    report = {
+        "model": model,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "setup_seconds": setup_seconds,
+        "engine_plan": [line for line in setup_logs.splitlines() if "KV-cache slots" in line],
+        "runs": runs,
+        "back_to_back": sequential,
+        "machine": platform.node(),
+        "command": " ".join(["python", "scripts/benchmark_server.py"] + sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    path = args.out / f"server-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
+    print(f"wrote {path}")
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"{report['model']} on {report['device']} (torch {report['torch']}), through scripts/serve; "
+        f"{report['prompt_tokens']}-token prompts, {report['new_tokens']} new tokens each",
+        *[f"engine: {line.strip()}" for line in report["engine_plan"]],
+        "",
+        "| clients | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 / p95 (metric) | "
+        "first SSE chunk p50 / p95 (client) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["runs"]:
+        lines.append(f"| {r['clients']} | {r['aggregate_tokens_per_second']:.1f} | {r['aggregate_over_first']:.2f} | "
+                     f"{r['per_stream_tokens_per_second_median']:.1f} | {r['metric_ttft_p50_s'] * 1000:.1f} / "
+                     f"{r['metric_ttft_p95_s'] * 1000:.1f} ms | {r['ttft_p50_s'] * 1000:.1f} / "
+                     f"{r['ttft_p95_s'] * 1000:.1f} ms |")
+    b = report["back_to_back"]
+    lines += ["", f"{b['predictions']} back-to-back predictions: {b['http_409']} met 409"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

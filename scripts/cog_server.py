@@ -1,0 +1,125 @@
+"""The real Cog HTTP server in a subprocess, started by scripts/serve as a user would start it.
+
+For the tests and scripts/benchmark_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Server:
+    """The real Cog HTTP server, started by scripts/serve as a user would.
+
+    `command` and `cwd` start another predictor instead (the server reads `.cog/` in `cwd`).
+    """
+
+    def __init__(self, weights: Path | None, log_path: Path, wait_ready: bool = True, env: dict | None = None,
+                 command: list[str] | None = None, cwd: Path = REPO):
+        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "PYTHON": sys.executable, **(env or {})}
+        if weights is not None:
+            env["COG_WEIGHTS"] = str(weights)
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            command or [str(REPO / "scripts" / "serve")], cwd=cwd, env=env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{self._wait_for_port()}"
+        if wait_ready:
+            self.wait_ready()
+
+    def _wait_for_port(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"Starting coglet server on [\d.]+:(\d+)", self.log_path.read_text())
+            if match:
+                return int(match.group(1))
+            assert self.process.poll() is None, self.log_path.read_text()
+            time.sleep(0.2)
+        raise TimeoutError(self.log_path.read_text())
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def wait_setup(self, timeout: float = 120) -> dict:
+        """Health once setup has ended, in success or failure."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.health()
+            if health["status"] != "STARTING":
+                return health
+            time.sleep(0.2)
+        raise TimeoutError(self.health())
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.wait_setup(timeout)
+            if health["status"] == "READY":
+                return health
+            assert health["status"] == "BUSY", health
+            time.sleep(0.1)
+        raise TimeoutError(self.health())
+
+    def predict(self, timeout: float = 120, headers: dict | None = None, **inputs) -> requests.Response:
+        """POST /predictions: a sync prediction (or an SSE stream with Accept: text/event-stream)."""
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, headers=headers, timeout=timeout)
+
+    def worker_pid(self) -> int:
+        """The worker process that runs the predictor (a child of the server)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                return int(stat.parent.name)
+        raise LookupError("no worker process")
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU time the worker has used so far (user + system)."""
+        fields = Path(f"/proc/{self.worker_pid()}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def worker_memory(self) -> int:
+        """The worker's resident memory, in bytes."""
+        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise LookupError("no VmRSS")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
+    """(event, data) of a text/event-stream response, as each arrives.
+
+    Lines end only at "\\n": the model's text inside the JSON may hold U+2028 or NEL, which
+    str.splitlines() (and so requests' default iter_lines) would take for line ends.
+    """
+    name = None
+    for raw in response.iter_lines(chunk_size=None, delimiter=b"\n"):
+        line = raw.decode("utf-8").rstrip("\r")  # SSE is always UTF-8
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            yield name, json.loads(line.split(":", 1)[1])
