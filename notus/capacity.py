@@ -41,17 +41,9 @@ def admitted_predictions() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-def kv_bytes_per_slot(config, dtype: torch.dtype) -> int:
-    """One sequence's K and V over the sliding window, every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    window = config.sliding_window or config.max_position_embeddings
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * window * head_dim * itemsize
-
-
-def slots_that_fit(free_bytes: int, per_slot: int) -> int:
-    """Slots a KV cache can have in `free_bytes` left after the weights, keeping RESERVE free."""
-    return max(0, (free_bytes - RESERVE) // per_slot)
+def budget_from_free(free_bytes: int) -> int:
+    """What the KV cache may take of the memory left after the weights: all but RESERVE."""
+    return max(0, free_bytes - RESERVE)
 
 
 def kv_budget_bytes(device: torch.device) -> int | None:
@@ -64,7 +56,7 @@ def kv_budget_bytes(device: torch.device) -> int | None:
             raise ValueError(f"{KV_BUDGET_ENV}={value!r} is not a number of GiB") from None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(0, free - RESERVE)
+        return budget_from_free(free)
     return None  # host memory: the tiny test model's slots are 2 MiB each
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from notus.capacity import kv_budget_bytes, kv_bytes_per_slot, plan_slots
+from notus.capacity import kv_budget_bytes, plan_slots
+from notus.forward import KVCache
 from notus.loading import load_model
 from notus.params import MAX_PROMPT_CHARS, SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
@@ -96,7 +97,7 @@ class Engine:
         prompt = ChatPrompt(tokenizer, frame)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
         model = load_model(weights_dir, device)
-        per_slot = kv_bytes_per_slot(model.config, model.dtype)
+        per_slot = KVCache.bytes_per_slot(model.config, model.dtype)
         slots = plan_slots(admitted, per_slot, kv_budget_bytes(model.device))
         return cls(model, prompt, slots=slots, cuda_graphs=cuda_graphs)
 

@@ -18,6 +18,8 @@ modules is ours, so the cache is plain tensors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
@@ -25,12 +27,23 @@ from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 class KVCache:
     def __init__(self, config, slots: int, device: torch.device, dtype: torch.dtype):
-        self.window = config.sliding_window or config.max_position_embeddings
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (config.num_hidden_layers, slots + 1, config.num_key_value_heads, self.window, self.head_dim)
+        layers, kv_heads, self.window, self.head_dim = self.slot_shape(config)
+        shape = (layers, slots + 1, kv_heads, self.window, self.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.scratch = slots
+
+    @staticmethod
+    def slot_shape(config) -> tuple[int, int, int, int]:
+        """One slot's K (or V): layers, KV heads, the sliding window, head dim."""
+        window = config.sliding_window or config.max_position_embeddings
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return config.num_hidden_layers, config.num_key_value_heads, window, head_dim
+
+    @classmethod
+    def bytes_per_slot(cls, config, dtype: torch.dtype) -> int:
+        """One sequence's K and V over the sliding window, every layer: what each slot allocates."""
+        return 2 * math.prod(cls.slot_shape(config)) * torch.empty((), dtype=dtype).element_size()
 
 
 class Forward:

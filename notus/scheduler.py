@@ -41,10 +41,6 @@ LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # attention reads the
 FINE_LENGTH_STEP = 64  # without CUDA graphs shapes cost nothing: attention reads just past the furthest row
 
 
-def _nothing() -> None:
-    pass
-
-
 @dataclass
 class Request:
     """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed.
@@ -55,8 +51,8 @@ class Request:
 
     input_ids: list[int]
     max_tokens: int
+    wake: Callable[[], None]
     settings: RowSettings = field(default_factory=RowSettings)
-    wake: Callable[[], None] = _nothing
     tokens: deque = field(default_factory=deque)
     stop: threading.Event = field(default_factory=threading.Event)  # set by the consumer: stop now
     done: threading.Event = field(default_factory=threading.Event)  # set by the engine thread

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, Server
-from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, kv_bytes_per_slot, slots_that_fit
+from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, budget_from_free
+from notus.forward import KVCache
 from notus.schema import declared_concurrency, declares_streaming
 
 HEADER = "from cog import BasePredictor, ConcatenateIterator\n"
@@ -133,12 +134,12 @@ def test_the_image_admits_the_default_concurrency_and_it_fits_an_a40():
     and that many 512 MiB slots fit an A40 beside notus's bf16 weights and the reserve."""
     assert declared_concurrency((REPO / "predict.py").read_text(), "Predictor") == DEFAULT_CONCURRENCY
     config = AutoConfig.from_pretrained(REPO / "weights")
-    per_slot = kv_bytes_per_slot(config, torch.bfloat16)
+    per_slot = KVCache.bytes_per_slot(config, torch.bfloat16)
     assert per_slot == 512 * 2**20
     with torch.device("meta"):  # notus's exact architecture, no memory: its bf16 weights' size
         weights = sum(p.numel() * 2 for p in AutoModelForCausalLM.from_config(config).parameters())
     assert 14.4e9 < weights < 14.6e9
-    fit = slots_that_fit(A40_MEMORY - CUDA_CONTEXT - weights, per_slot)
+    fit = budget_from_free(A40_MEMORY - CUDA_CONTEXT - weights) // per_slot
     assert DEFAULT_CONCURRENCY <= fit < 2 * DEFAULT_CONCURRENCY  # fits, without leaving most of the card idle
     result = subprocess.run([sys.executable, "-m", "notus.schema", "--concurrency"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
