@@ -138,8 +138,8 @@ class Engine:
     ) -> AsyncIterator[str]:
         """Text of the reply to an already templated prompt (what stream() and the benchmark use).
 
-        Tokens that arrived together come out as one piece: a consumer that falls behind (many
-        streams at once) catches up in fewer, larger pieces instead of lagging further.
+        One piece per token that completes text, however the tokens arrived: the same inputs and
+        seed give the same list of pieces, alone or beside others.
         """
         stats = stats if stats is not None else GenerationStats()
         params.validate()
@@ -152,16 +152,13 @@ class Engine:
         text = TextStream(self.token_bytes, list(params.stop_sequences))
         async with aclosing(self._generate_ids(input_ids, params, seed, stats)) as batches:
             async for batch in batches:
-                piece = []
                 for token_id in batch:
                     stats.token_arrived()
-                    piece.append(text.push(token_id))
+                    piece = text.push(token_id)
+                    if piece:
+                        yield piece
                     if text.stopped:
-                        break
-                if any(piece):
-                    yield "".join(piece)
-                if text.stopped:
-                    return  # leaving the `async with` stops the request now
+                        return  # leaving the `async with` stops the request now
         tail = text.finish()
         if tail:
             yield tail
