@@ -8,8 +8,9 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
 3. runs ONE prefill chunk (CHUNK tokens) of the oldest request being prefilled, so a long prompt
    stalls the others by one chunk at most, and a cancel is seen between chunks; its last chunk
    samples its first token and the request joins the decoding batch;
-4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots, a length
-   bucket covering their positions), replayed from a CUDA graph on the GPU;
+4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots), replayed
+   on the GPU from the CUDA graph of its batch and length bucket (one covering every row's
+   position); eager (the CPU), each row's attention reads just its own length;
 5. hands out the tokens of the previous step: the host reads tokens one step behind, so the GPU
    always has the next step queued and never waits on Python.
 
@@ -37,8 +38,7 @@ from notus.sampling import RowSettings, Sampler
 log = logging.getLogger("notus")
 
 CHUNK = 2048  # prefill tokens per turn
-LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # attention reads the bucket, not the window
-FINE_LENGTH_STEP = 64  # without CUDA graphs shapes cost nothing: attention reads just past the furthest row
+LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # a graph's attention reads the bucket, not the window
 
 
 @dataclass
@@ -90,8 +90,7 @@ class Scheduler:
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.rows = torch.arange(slots, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
-        buckets = LENGTH_BUCKETS if self.cuda_graphs else range(FINE_LENGTH_STEP, self.window, FINE_LENGTH_STEP)
-        self.length_buckets = sorted({min(n, self.window) for n in buckets} | {self.window})
+        self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Request] = deque()
@@ -207,14 +206,19 @@ class Scheduler:
         if not rows:
             return False
         batch = self._bucket(self.batch_buckets, max(r.slot for r in rows) + 1)
-        # The position each row feeds this step, so the length bucket covers all of them.
-        furthest = max(len(r.input_ids) + r.sampled - 1 for r in rows)
-        length = self._bucket(self.length_buckets, min(furthest + 1, self.window))
+        # The entries each row's attention reads: up to the position it feeds this step.
+        lengths = [1] * batch  # rows not decoding (the batch bucket's padding) read one
+        for r in rows:
+            lengths[r.slot] = min(len(r.input_ids) + r.sampled, self.window)
         try:
-            if (batch, length) in self.graphs:
-                self.graphs[batch, length].replay()
+            if self.cuda_graphs:
+                length = self._bucket(self.length_buckets, max(lengths))
+                if (batch, length) in self.graphs:
+                    self.graphs[batch, length].replay()
+                else:
+                    self._step(batch, length)  # uncaptured (tests run the graphs' shapes on the CPU)
             else:
-                self._step(batch, length, **self._shortcuts(rows))
+                self._step(batch, lengths, **self._shortcuts(rows))
         except Exception as e:  # a failing step fails the requests in it
             self._fail(rows, e)
             return False
@@ -225,10 +229,10 @@ class Scheduler:
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
 
-    def _step(self, batch: int, length: int, candidates: int | None = None, penalties: bool = True) -> None:
+    def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None, penalties: bool = True) -> None:
         """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers)."""
         active = self.active[:batch]
-        logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, length)
+        logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, lengths)
         self.tokens[:batch] = self.sampler.sample(logits, self.rows[:batch], active, candidates, penalties)
         self.positions[:batch] += active.long()
 

@@ -20,7 +20,8 @@ reaches in the same run), peak device memory; then project / baseline. Also the 
 With --streams N [N ...], also N concurrent requests through the engine for each N (prompt lengths
 mixed from --prompt-lengths, exactly --new-tokens each, sampled at temperature 0.7 / top_p 0.95 /
 top_k 50): aggregate output tokens/s, per-stream decode tokens/s, time to first token p50/p95, and
-each N's aggregate over the first N's. Writes JSON under benchmarks/ and prints markdown tables.
+each N's aggregate over the first N's. Each N serves the same mix, at least one prompt of each
+length: with N=1 they run one after another. Writes JSON under benchmarks/ and prints markdown tables.
 
     python scripts/benchmark.py --streams 1 8 32          # GPU
     python scripts/benchmark.py --tiny --streams 1 8      # CPU, under 3 minutes
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import statistics
@@ -189,12 +191,14 @@ def measure(name, run, engine, ids, args) -> dict:
 def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
     """Seconds per bare decode step of one sequence (the CUDA graph on the GPU; no sampling read-back)."""
     scheduler = engine.scheduler
-    length = scheduler._bucket(scheduler.length_buckets, min(prompt_length + steps, scheduler.window))
+    filled = min(prompt_length + steps, scheduler.window)
+    length = scheduler._bucket(scheduler.length_buckets, filled)
 
     def measure() -> float:
         graph = scheduler.graphs.get((1, length))
         step = graph.replay if graph is not None else lambda: scheduler.forward.decode(
-            scheduler.tokens[:1], scheduler.positions[:1], scheduler.active[:1], length)
+            scheduler.tokens[:1], scheduler.positions[:1], scheduler.active[:1],
+            length if scheduler.cuda_graphs else [filled])
         step()
         synchronize(engine.device)
         t0 = time.perf_counter()
@@ -214,16 +218,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
-def run_streams(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
-    """len(prompts) requests at once, as concurrent predictions on the one event loop of Cog's worker."""
+def run_streams(engine: Engine, prompts: list[list[int]], streams: int, new_tokens: int) -> dict:
+    """Every prompt, `streams` of them in flight at a time, as concurrent predictions on the one
+    event loop of Cog's worker (each stream starts the next prompt as soon as its last one ends)."""
+    in_flight = asyncio.Semaphore(streams) if streams < len(prompts) else contextlib.nullcontext()
 
     async def one(i: int) -> tuple[GenerationStats, float]:
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
                                 top_k=50, seed=i)
-        stats = GenerationStats()
-        async for _ in engine.stream_ids(prompts[i], params, stats):
-            pass
-        return stats, time.perf_counter()
+        async with in_flight:
+            stats = GenerationStats()
+            async for _ in engine.stream_ids(prompts[i], params, stats):
+                pass
+            return stats, time.perf_counter()
 
     async def all_of_them() -> tuple[float, list]:
         start = time.perf_counter()
@@ -236,7 +243,7 @@ def run_streams(engine: Engine, prompts: list[list[int]], new_tokens: int) -> di
     ttfts = [stats.time_to_first_token for stats, _ in done]
     per_stream = [stats.tokens_per_second for stats, _ in done]
     return {
-        "streams": len(prompts),
+        "streams": streams,
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens_each": new_tokens,
         "wall_seconds": end - start,
@@ -299,9 +306,12 @@ def main() -> None:
 
     streams = []
     for n in args.streams:
-        prompts = [random_prompt(args.prompt_lengths[i % len(args.prompt_lengths)]) for i in range(n)]
-        run_streams(engine, prompts, 8)  # warm-up: the same batch shapes, briefly
-        streams.append(run_streams(engine, prompts, args.new_tokens))
+        # The same mix of prompt lengths for every N, at least one of each: 1 stream serves the
+        # mix one request after another, so each ratio measures batching, not a lighter workload.
+        count = max(n, len(args.prompt_lengths))
+        prompts = [random_prompt(args.prompt_lengths[i % len(args.prompt_lengths)]) for i in range(count)]
+        run_streams(engine, prompts, n, 8)  # warm-up: the same batch shapes, briefly
+        streams.append(run_streams(engine, prompts, n, args.new_tokens))
         streams[-1]["aggregate_over_first"] = streams[-1]["aggregate_tokens_per_second"] / streams[0]["aggregate_tokens_per_second"]
 
     report = {
@@ -352,10 +362,11 @@ def markdown_table(report: dict) -> str:
                      f"{row['baseline_over_project_ttft']:.2f} | project / baseline = "
                      f"{row['project_over_baseline_decode']:.2f} | | |")
     if report["streams"]:
-        lines += ["", "| streams | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| streams | prompts | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["streams"]:
-            lines.append(f"| {r['streams']} | {r['aggregate_tokens_per_second']:.1f} | {r['aggregate_over_first']:.2f} | "
+            lines.append(f"| {r['streams']} | {len(r['prompt_tokens'])} | {r['aggregate_tokens_per_second']:.1f} | "
+                         f"{r['aggregate_over_first']:.2f} | "
                          f"{r['per_stream_tokens_per_second_median']:.1f} | {r['ttft_p50_s'] * 1000:.1f} ms | "
                          f"{r['ttft_p95_s'] * 1000:.1f} ms |")
     return "\n".join(lines)

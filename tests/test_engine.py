@@ -105,11 +105,11 @@ def test_metrics(engine):
 
 
 class ForwardCounter:
-    """Counts the model's forward passes (prefill chunks and decode steps: each ends in lm_head)."""
+    """Counts the model's forward passes (prefill chunks and decode steps: each ends in the final norm)."""
 
     def __init__(self, model):
         self.calls, self.threads = 0, set()
-        self._handle = model.lm_head.register_forward_pre_hook(self._count)
+        self._handle = model.model.norm.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.calls += 1

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler
+from notus.sampling import RowSettings, Sampler, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
@@ -118,3 +118,19 @@ def test_noise_depends_only_on_seed_index_and_token():
     tokens = [sampler.sample(logits.clone(), torch.arange(3)).tolist() for _ in range(20)]
     assert all(a == b for a, b, _ in tokens)  # same seed, same draws, whatever the row
     assert any(a != c for a, _, c in tokens)  # another seed, other draws
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 700])
+def test_two_pass_top_k_equals_topk(k):
+    """The CPU's candidates: the same values and tokens as torch.topk, best first, including rows
+    whose best tokens crowd into one block and rows mostly -inf (every token penalised away)."""
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randn(6, VOCAB, generator=generator) * 3
+    scores[1, 640:640 + 2 * k] += 20  # the best all in a few neighbouring blocks
+    scores[2, :] = -torch.inf
+    scores[2, torch.randperm(VOCAB, generator=generator)[: k + 3]] = torch.randn(k + 3, generator=generator)
+    expected_values, expected_tokens = scores.topk(k, dim=-1)
+    values, tokens = top_k(scores, k)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(scores.gather(1, tokens), values)

@@ -87,12 +87,13 @@ def test_a_seed_gives_the_same_reply_alone_and_beside_7_others(engine):
 
 
 def test_the_gpu_step_shapes_give_the_same_tokens_as_the_cpu_shortcuts(engine):
-    """With CUDA graphs a step has one shape for every mix of settings: coarse length buckets, every
-    candidate sorted, penalties always applied. Run on the CPU (uncaptured), it must agree with the
-    CPU's shortcuts (fine buckets, top-k only, penalties skipped), greedy and seeded."""
+    """With CUDA graphs a step has one shape for every mix of settings: one length bucket for all
+    rows (masked), every candidate sorted, penalties always applied. Run on the CPU (uncaptured), it
+    must agree with the CPU's shortcuts (each row's own length, top-k only, penalties skipped),
+    greedy and seeded."""
     graph_shaped = Engine(engine.model, engine.prompt, cuda_graphs=True)
     try:
-        assert graph_shaped.scheduler.length_buckets != engine.scheduler.length_buckets
+        assert graph_shaped.scheduler.cuda_graphs and not engine.scheduler.cuda_graphs
         cases = [(long_prompt(engine, n), dict(max_tokens=20, **settings), 100 + i)
                  for i, (n, settings) in enumerate(zip([3, 700, 4090, CHUNK + 5, 40, 300, 5000, 9], SAMPLED))]
         shortcut = concurrently(lambda case: ids_of(engine, case[0], case[2], **case[1]), cases)
@@ -242,6 +243,19 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
         assert row["project_over_baseline_decode"] == pytest.approx(
             row["project"]["decode_tokens_per_s"] / row["baseline"]["decode_tokens_per_s"])
     assert [r["streams"] for r in report["streams"]] == [1, 3]
+    # Every N serves the same mix of prompt lengths, one of each at least: 1 stream, one after another.
+    assert [r["prompt_tokens"] for r in report["streams"]] == [[16, 64], [16, 64, 16]]
     for r in report["streams"]:
-        assert r["aggregate_tokens_per_second"] == pytest.approx(r["streams"] * 32 / r["wall_seconds"])
+        assert r["aggregate_tokens_per_second"] == pytest.approx(len(r["prompt_tokens"]) * 32 / r["wall_seconds"])
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+
+
+def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_batch(engine):
+    forward = engine.scheduler.forward
+    assert forward.lm_head is not engine.model.lm_head  # the packed oneDNN projection on the CPU
+    x = torch.randn(8, engine.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        batched = forward.lm_head(x)
+        torch.testing.assert_close(batched, engine.model.lm_head(x))
+        for row in (0, 3, 7):  # a row's logits do not depend on what runs beside it
+            assert torch.equal(forward.lm_head(x[row : row + 1]), batched[row : row + 1])
