@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -176,6 +177,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "setup_seconds": setup_seconds,
         "engine_plan": [line for line in setup_logs.splitlines() if "KV-cache slots" in line],
+        # Setup's phases as it logged them (weights read and moved, warm-up and graph capture, total).
+        "setup_timings": [line for line in setup_logs.splitlines() if re.search(r"\bin \d+\.\d+ s\b", line)],
         "runs": runs,
         "back_to_back": sequential,
         "machine": platform.node(),
@@ -194,6 +197,7 @@ def markdown_table(report: dict) -> str:
         f"{report['model']} on {report['device']} (torch {report['torch']}), through scripts/serve; "
         f"{report['prompt_tokens']}-token prompts, {report['new_tokens']} new tokens each",
         *[f"engine: {line.strip()}" for line in report["engine_plan"]],
+        *[f"setup: {line.strip()}" for line in report["setup_timings"]],
         "",
         "| clients | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 / p95 (metric) | "
         "first SSE chunk p50 / p95 (client) |",

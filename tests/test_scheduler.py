@@ -250,6 +250,17 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
 
 
+def test_greedy_parity_script_finds_full_agreement_in_float32(tmp_path):
+    """scripts/greedy_parity.py, the GPU issue's parity check, run on the CPU: float32 agrees everywhere."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "greedy_parity.py"), "--tiny", "--tokens", "24",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    (result_file,) = tmp_path.glob("parity-cpu-*.json")
+    report = json.loads(result_file.read_text())
+    assert report["torch"] == torch.__version__ and report["tokens"] == 24
+    assert report["prompts"][-1]["prompt_tokens"] > 4096  # one prompt crosses the sliding window
+    assert all(row[path] == {"first_difference": None} for row in report["prompts"] for path in ("alone", "all_at_once"))
+
+
 def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_batch(engine):
     forward = engine.scheduler.forward
     assert forward.lm_head is not engine.model.lm_head  # the packed oneDNN projection on the CPU

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU issue's runs, one step per device call, each well inside the 10-minute limit of a call.
+# First, here: scripts/gpu_wheels.sh. Then, through the device tool, with carry [".whl"]:
+#   bash scripts/gpu_check.sh tests    # the test suite on CUDA (tiny model), greedy parity (exact size)
+#   bash scripts/gpu_check.sh decode   # scripts/benchmark.py --streams 1 8 32 (exact size, random bf16)
+#   bash scripts/gpu_check.sh serve    # a random checkpoint on disk: cold load, the server (1/8/32
+#                                      # clients, 100 back to back), and a second boot's setup timings
+# Results (JSON, logs) go to $OUT, which the device tool brings back; every one names the torch
+# that ran (the machine's own) and the exact command.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHON=python3
+python3 - <<'EOF' | tee "$OUT/versions.txt"
+import importlib.metadata, torch, transformers
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no usable GPU"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {gpu}; transformers {transformers.__version__}; "
+      f"cog {importlib.metadata.version('cog')}")
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$OUT/versions.txt" || true
+
+case "${1:-}" in
+  tests)
+    # In-process tests on the GPU (NOTUS_DEVICE=cuda); the servers they start serve on it too.
+    NOTUS_DEVICE=cuda timeout 330 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+    timeout 180 python3 scripts/greedy_parity.py --out "$OUT"
+    ;;
+  decode)
+    timeout 540 python3 scripts/benchmark.py --streams 1 8 32 --out "$OUT"
+    ;;
+  serve)
+    weights=/tmp/notus-random
+    timeout 200 python3 scripts/benchmark_load.py --random "$weights" --out "$OUT"
+    timeout 240 python3 scripts/benchmark_server.py --random "$weights" --out "$OUT"
+    # A second boot of the same image: setup's phase timings again (the page cache is warm now).
+    timeout 120 python3 scripts/benchmark_server.py --random "$weights" --clients 1 --new-tokens 16 --sequential 0 \
+      --out "$OUT/second-boot"
+    ;;
+  *)
+    echo "usage: $0 tests|decode|serve" >&2
+    exit 2
+    ;;
+esac
