@@ -63,6 +63,14 @@ def tokenizer_dir(weights: Path | None) -> Path:
     return write_small_files(Path(tempfile.mkdtemp(prefix="notus-tokenizer-")))
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--weights / --tiny (default: a random notus of the exact config) and --device, as build_model takes them."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help="a real checkpoint (default: random weights, exact config)")
+    source.add_argument("--tiny", action="store_true", help="the tiny test model (CPU development)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_model(args):
     """(model, description): real weights, the tiny test model, or a random notus of the exact config."""
     if args.weights:
@@ -210,6 +218,25 @@ def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
     return scheduler.call(measure)
 
 
+def run_facts(device: str) -> dict:
+    """What every result file records of its run: the device, the versions, the machine, the command."""
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.node(),
+        "command": " ".join(["python", f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+    }
+
+
+def write_report(out: Path, name: str, report: dict) -> Path:
+    """`report` as out/NAME-<date>-<time>.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     at = (len(ordered) - 1) * q
@@ -256,10 +283,7 @@ def run_streams(engine: Engine, prompts: list[list[int]], streams: int, new_toke
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", type=Path, help="a real checkpoint (default: random weights, exact config)")
-    source.add_argument("--tiny", action="store_true", help="the tiny test model (CPU development)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
@@ -316,9 +340,7 @@ def main() -> None:
 
     report = {
         "model": description,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **run_facts(device),
         "cuda_graphs": len(engine.scheduler.graphs),
         "torch_threads": torch.get_num_threads(),
         "slots": engine.scheduler.slots,
@@ -329,12 +351,8 @@ def main() -> None:
         "setup_seconds": setup_seconds,
         "results": results,
         "streams": streams,
-        "machine": platform.node(),
-        "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(args.out, f"decode-{device}", report)
     print(markdown_table(report))
     print(f"wrote {path}")
 

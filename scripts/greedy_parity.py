@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,9 +25,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
-from benchmark import build_model, tokenizer_dir  # noqa: E402
+from benchmark import add_model_arguments, build_model, run_facts, tokenizer_dir, write_report  # noqa: E402
 from notus.engine import Engine  # noqa: E402
 from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
@@ -72,10 +68,7 @@ def compare(reference: list[int], logits: torch.Tensor, got: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", type=Path, help="a real checkpoint (default: random weights, exact config)")
-    source.add_argument("--tiny", action="store_true", help="the tiny test model (CPU development)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
@@ -99,19 +92,8 @@ def main() -> None:
                      "all_at_once": compare(reference, logits, batched)})
     engine.scheduler.close()
 
-    report = {
-        "model": description,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokens": args.tokens,
-        "prompts": rows,
-        "machine": platform.node(),
-        "command": " ".join(["python", "scripts/greedy_parity.py"] + sys.argv[1:]),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"parity-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    report = {"model": description, **run_facts(args.device), "tokens": args.tokens, "prompts": rows}
+    path = write_report(args.out, f"parity-{args.device}", report)
     print(f"{description} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "
           f"first greedy token that differs from generate's, of {args.tokens}")
     print("\n| prompt tokens | engine alone | engine, all at once |\n| --- | --- | --- |")
