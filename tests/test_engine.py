@@ -23,16 +23,18 @@ def reply(engine, prompt="Tell me a story.", system_prompt="", **params) -> tupl
     return text, stats
 
 
-def plain_generate(engine, prompt: str, seed: int, **params) -> list[int]:
-    """Reference: transformers' own generate with the same settings and seed."""
-    p = SamplingParams(**params)
-    ids = engine.prompt.ids("", prompt)
-    torch.manual_seed(seed)
-    out = engine.model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        generation_config=engine.generation_config(p),
-    )
+def generate_reference(engine, ids: list[int], **params) -> list[int]:
+    """transformers' own generate (dynamic cache, eager) with the same settings, on the engine's device."""
+    inputs = torch.tensor([ids], device=engine.device)
+    out = engine.model.generate(inputs, attention_mask=torch.ones_like(inputs),
+                                generation_config=engine.generation_config(SamplingParams(**params)))
     return out[0, len(ids):].tolist()
+
+
+def plain_generate(engine, prompt: str, seed: int, **params) -> list[int]:
+    """Reference for a user message: generate, sampling (if any) from torch's generator seeded with `seed`."""
+    torch.manual_seed(seed)
+    return generate_reference(engine, engine.prompt.ids("", prompt), **params)
 
 
 def test_greedy_equals_plain_generate(engine):

@@ -25,18 +25,10 @@ from notus.engine import Engine, GenerationStats
 from notus.params import SamplingParams
 from notus.scheduler import CHUNK
 from notus.stream import TextStream
-from test_engine import ForwardCounter
+from test_engine import ForwardCounter, generate_reference
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0)
-
-
-def generate_reference(engine: Engine, ids: list[int], **params) -> list[int]:
-    """transformers' own generate (dynamic cache, eager) with the same settings."""
-    config = engine.generation_config(SamplingParams(**params))
-    out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                generation_config=config)
-    return out[0, len(ids):].tolist()
 
 
 async def ids_of(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
