@@ -9,12 +9,10 @@ import logging
 import os
 import sys
 import time
+from contextlib import aclosing
 from typing import Optional
 
-from contextlib import aclosing
-
 import cog
-import torch
 from cog import AsyncConcatenateIterator, BasePredictor, Input
 
 from notus.capacity import admitted_predictions
@@ -47,11 +45,6 @@ class Predictor(BasePredictor):
         _log_to_stdout()
         t0 = time.perf_counter()
         device = pick_device()  # before any download: a GPU image without a usable GPU fails now
-        if device == "cpu":
-            # The CPU serves tests and tries of the API (the tiny model): its ops are too small to
-            # split across cores, and a second torch thread takes the core the streams are served
-            # from (8 predictions at once ran at half the speed with torch's one thread per core).
-            torch.set_num_threads(1)
         # Cog passes COG_WEIGHTS as `weights`; without it, the weights/ folder of this project.
         weights_dir = ensure_weights(weights or os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR)
         t_check = time.perf_counter()

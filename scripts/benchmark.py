@@ -291,10 +291,6 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="the project path without CUDA graphs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
-    if args.device == "cpu":
-        # The tiny model's ops are too small to split across cores; a second torch thread only takes
-        # the core the streaming threads need (8 streams ran 1.8x slower with 2 on a 2-core machine).
-        torch.set_num_threads(1)
 
     t0 = time.perf_counter()
     model, description = build_model(args)
