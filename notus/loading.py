@@ -22,6 +22,10 @@ log = logging.getLogger("notus")
 READ_CHUNK = 64 * 1024 * 1024
 # The one switch for running without a GPU (float32, far too slow for the real model): cpu or cuda.
 DEVICE_ENV = "NOTUS_DEVICE"
+# The weights' dtype, when not the device's default (bf16 on the GPU, float32 on the CPU). float32 on
+# a GPU is for exact comparisons (the tests on a GPU): bf16 rounding flips a random model's near ties.
+DTYPE_ENV = "NOTUS_DTYPE"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def pick_device(device: str | None = None) -> str:
@@ -52,6 +56,14 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
+def pick_dtype(device: str) -> torch.dtype:
+    """$NOTUS_DTYPE, else bf16 on the GPU and float32 on the CPU."""
+    name = os.environ.get(DTYPE_ENV) or ("bfloat16" if device.startswith("cuda") else "float32")
+    if name not in DTYPES:
+        raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def read_into_page_cache(files: list[Path]) -> float:
     """Reads `files` once, sequentially; returns the seconds it took."""
     buffer = bytearray(READ_CHUNK)  # one reused buffer: the bytes stay in the page cache, not here
@@ -65,13 +77,13 @@ def read_into_page_cache(files: list[Path]) -> float:
 
 
 def load_model(weights_dir: str | Path, device: str | None = None, phases: dict | None = None):
-    """notus's weights on `device`: bf16 on the GPU, float32 on the CPU.
+    """notus's weights on `device`: bf16 on the GPU, float32 on the CPU (or $NOTUS_DTYPE).
 
     Logs each phase's seconds, and puts them in `phases` ({"read_seconds", "move_seconds"}) if given.
     """
     weights_dir = Path(weights_dir)
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = pick_dtype(device)
     shards = sorted(weights_dir.glob("*.safetensors"))
     gigabytes = sum(p.stat().st_size for p in shards) / 1e9
 

@@ -50,7 +50,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer  # noqa: E402
 
 from notus.engine import DEFAULT_SLOTS, Engine, GenerationStats  # noqa: E402
-from notus.loading import load_model  # noqa: E402
+from notus.loading import load_model, pick_dtype  # noqa: E402
 from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_small_files, write_tiny  # noqa: E402
@@ -76,10 +76,10 @@ def build_model(args):
     if args.weights:
         return load_model(args.weights, args.device), f"notus-7b-v1 weights from {args.weights}"
     if args.tiny:
-        tiny = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-")))
-        return load_model(tiny, args.device), "tiny random notus (scripts/random_checkpoint.py), float32"
+        model = load_model(write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), args.device)
+        return model, f"tiny random notus (scripts/random_checkpoint.py), {model.dtype}"
     config = AutoConfig.from_pretrained(REPO / "weights")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = pick_dtype(args.device)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval(), f"random-weight notus-7b-v1 (weights/config.json), {dtype}"

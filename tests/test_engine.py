@@ -217,3 +217,15 @@ def test_the_device_is_cuda_unless_the_cpu_is_asked_for(monkeypatch):
     else:
         with pytest.raises(RuntimeError, match="No usable CUDA device.*set NOTUS_DEVICE=cpu"):
             pick_device()
+
+
+def test_the_dtype_is_the_devices_unless_notus_dtype_says_otherwise(tiny_weights, monkeypatch):
+    from notus.loading import load_model, pick_dtype
+
+    monkeypatch.delenv("NOTUS_DTYPE", raising=False)
+    assert pick_dtype("cuda") == torch.bfloat16 and pick_dtype("cpu") == torch.float32
+    monkeypatch.setenv("NOTUS_DTYPE", "bfloat16")
+    assert load_model(tiny_weights, "cpu").dtype == torch.bfloat16
+    monkeypatch.setenv("NOTUS_DTYPE", "float16")
+    with pytest.raises(ValueError, match="NOTUS_DTYPE must be one of bfloat16, float32, got 'float16'"):
+        load_model(tiny_weights, "cpu")

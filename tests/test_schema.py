@@ -64,7 +64,8 @@ def test_this_projects_predictor_declares_streaming():
 
 
 def write_schema(directory: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # notus importable from the predictor's directory, ahead of (not instead of) a PYTHONPATH already set
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "notus.schema", "--predictor", "predict.py:Predictor", "--out", ".cog/openapi_schema.json"],
         cwd=directory, env=env, capture_output=True, text=True, timeout=120,
