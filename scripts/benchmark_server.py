@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import percentile  # noqa: E402
-from cog_server import Server, sse_events  # noqa: E402
+from cog_server import Server, setup_timings, sse_events  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_full, write_tiny  # noqa: E402
 
@@ -142,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.tiny:
-        weights, model = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), "tiny random notus, float32"
+        weights, model = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), "tiny random notus"
     elif args.random:
         if not (args.random / "model.safetensors.index.json").exists():
             write_full(args.random)
@@ -177,8 +176,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "setup_seconds": setup_seconds,
         "engine_plan": [line for line in setup_logs.splitlines() if "KV-cache slots" in line],
-        # Setup's phases as it logged them (weights read and moved, warm-up and graph capture, total).
-        "setup_timings": [line for line in setup_logs.splitlines() if re.search(r"\bin \d+\.\d+ s\b", line)],
+        "setup_timings": setup_timings(setup_logs),
         "runs": runs,
         "back_to_back": sequential,
         "machine": platform.node(),

@@ -1,6 +1,6 @@
 """The real Cog HTTP server in a subprocess, started by scripts/serve as a user would start it.
 
-For the tests and scripts/benchmark_server.py.
+For the tests and the scripts that drive the server (benchmark_server.py, smoke_server.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import requests
@@ -50,6 +52,15 @@ class Server:
             assert self.process.poll() is None, self.log_path.read_text()
             time.sleep(0.2)
         raise TimeoutError(self.log_path.read_text())
+
+    def wait_for_log(self, text: str, timeout: float) -> bool:
+        """Whether `text` appeared in the server's log within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def health(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=5).json()
@@ -123,3 +134,77 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
             name = line.split(":", 1)[1].strip()
         elif line.startswith("data:"):
             yield name, json.loads(line.split(":", 1)[1])
+
+
+def setup_timings(logs: str) -> list[str]:
+    """Setup's phase timings as it logged them (weights read and moved, warm-up and graph capture, total)."""
+    return [line.strip() for line in logs.splitlines() if re.search(r"\bin \d+\.\d+ s\b", line)]
+
+
+class Webhooks:
+    """Receives a prediction's webhooks: Cog reports async predictions (PUT, respond-async) only that way."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
+
+    def wait_for(self, predicate: Callable[[dict], bool], timeout: float) -> bool:
+        """Whether a webhook matching `predicate` arrived within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not any(predicate(h) for h in self.received):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def cancel_mid_generation(server: Server, prediction_id: str = "cancel-me") -> dict:
+    """Starts a prediction that would run for 32,768 tokens, cancels it while it generates, and
+    measures the worker's CPU use (cores busy) before and after the cancel: the engine thread keeps a
+    core busy while it steps (on the GPU too: it waits on each step's event), none when idle."""
+    webhooks = Webhooks()
+    try:
+        response = requests.put(
+            f"{server.url}/predictions/{prediction_id}",
+            json={"input": {"prompt": "Go on forever", "max_tokens": 32768, "min_tokens": 32768, "seed": 1},
+                  "webhook": webhooks.url, "webhook_events_filter": ["completed"]},
+            headers={"Prefer": "respond-async"}, timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        # No output webhook tells when it generates: coglet 0.23.1 sends an async predictor's output
+        # only at its end (README). The server logs the start instead.
+        started = server.wait_for_log(f'"Starting prediction","prediction_id":"{prediction_id}"', timeout=30)
+        busy = _cores_busy(server, seconds=1.0)
+        t0 = time.monotonic()
+        cancel_status = requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10).status_code
+        canceled = webhooks.wait_for(lambda h: h["status"] == "canceled", timeout=10)
+        cancel_seconds = time.monotonic() - t0
+        time.sleep(0.5)  # the step in flight ends
+        idle = _cores_busy(server, seconds=1.5)
+        return {"started": started, "cores_busy_generating": busy, "cancel_http_status": cancel_status,
+                "canceled": canceled, "cancel_to_canceled_s": cancel_seconds, "cores_busy_after_cancel": idle,
+                "webhooks": [h["status"] for h in webhooks.received]}
+    finally:
+        webhooks.close()
+
+
+def _cores_busy(server: Server, seconds: float) -> float:
+    start = server.worker_cpu_seconds()
+    time.sleep(seconds)
+    return (server.worker_cpu_seconds() - start) / seconds
