@@ -116,9 +116,16 @@ class Forward:
             values = torch.cat([cache.v[i][slot, :, :held][None], v], dim=2)
             cache.k[i][slot][:, positions % window] = k[0]
             cache.v[i][slot][:, positions % window] = v[0]
-            # Prefill is compute-bound: SDPA's own grouped-query attention, causal kernel when it can.
+            # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
+            # reads each KV head once for its query heads (enable_gqa). With a mask, CUDA's fused kernels
+            # may not take GQA and SDPA would fall back to its math kernel, which materialises the
+            # chunk x keys scores of every head (GBs): the KV heads are repeated instead, as transformers'
+            # SDPA attention does (a copy of the keys and values, small beside the chunk's matmuls).
+            if visible is not None:
+                keys = keys.repeat_interleave(self.groups, dim=1)
+                values = values.repeat_interleave(self.groups, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
-                                                 scale=layer.self_attn.scaling, enable_gqa=True)
+                                                 scale=layer.self_attn.scaling, enable_gqa=visible is None)
             x = self._rest_of_layer(layer, x, out.transpose(1, 2).reshape(1, chunk, -1))
         return self.lm_head(self.model.model.norm(x[:, -1]))
 

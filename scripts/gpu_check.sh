@@ -32,6 +32,26 @@ case "${1:-}" in
     NOTUS_DEVICE=cuda NOTUS_DTYPE=float32 timeout 330 python3 -m pytest -q -p no:cacheprovider -rfEs 2>&1 \
       | tee "$OUT/tests.log" | tail -40
     timeout 180 python3 scripts/greedy_parity.py --out "$OUT"
+    # Which fused attention kernels SDPA may use for notus's shapes in notus/forward.py (a False
+    # everywhere means the math kernel: the scores materialised).
+    python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.txt"
+import torch
+from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_efficient_attention, can_use_flash_attention
+def t(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+mask = torch.ones(1, 1, 2048, 6144, device="cuda", dtype=torch.bool)
+cases = {  # name: (q, k, mask, is_causal, enable_gqa)
+    "prefill, first chunk (causal, gqa)": (t(1, 32, 2048, 128), t(1, 8, 2048, 128), None, True, True),
+    "prefill, later chunk (mask, kv repeated)": (t(1, 32, 2048, 128), t(1, 32, 6144, 128), mask, False, False),
+    "prefill, later chunk (mask, gqa)": (t(1, 32, 2048, 128), t(1, 8, 6144, 128), mask, False, True),
+    "decode, 32 rows (mask, folded queries)": (t(32, 8, 4, 128), t(32, 8, 4096, 128),
+                                               torch.ones(32, 1, 1, 4096, device="cuda", dtype=torch.bool), False, False),
+}
+for name, (q, k, m, causal, gqa) in cases.items():
+    p = SDPAParams(q, k, k, m, 0.0, causal, gqa)
+    print(f"{name}: flash {can_use_flash_attention(p)}, efficient {can_use_efficient_attention(p)}, "
+          f"cudnn {can_use_cudnn_attention(p)}")
+PY
     ;;
   decode)
     timeout 540 python3 scripts/benchmark.py --streams 1 8 32 --out "$OUT"
