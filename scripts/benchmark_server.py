@@ -13,8 +13,10 @@ temperature 0.7 / top_p 0.95 / top_k 50 with a seed of its own. Reported per N: 
 tokens/s (every token over the time from the requests to the last stream's end), time to first token
 p50/p95 from the predictions' own metric and as a client sees it (request sent to first output
 event; with coglet 0.23.1 that is when the prediction ends, see README), per-stream tokens/s (median,
-from the prediction's own metrics), and the aggregate over the first N's. Then --sequential back-to-back
-predictions from one client, counting 409s. Writes JSON under benchmarks/ and prints a markdown table.
+from the prediction's own metrics), and the aggregate over the first N's; a client meeting 409 asks
+again (counted). Then --sequential back-to-back predictions from one client, and --pairs pairs of
+predictions released at one instant, counting 409s. Writes JSON under benchmarks/ and prints a
+markdown table.
 The server runs as the built image would (COG_MAX_CONCURRENCY from predict.py's @cog.concurrent,
 unless set in the environment).
 """
@@ -26,7 +28,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,13 +35,14 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+AT_CAPACITY = "At capacity"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import percentile  # noqa: E402
-from cog_server import Server, setup_timings, sse_events  # noqa: E402
+from cog_server import boot, setup_timings, sse_events  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
-from random_checkpoint import write_full, write_tiny  # noqa: E402
+from random_checkpoint import add_checkpoint_arguments, checkpoint_from  # noqa: E402
 
 
 def prompt_of(weights: Path, tokens: int) -> str:
@@ -55,28 +57,39 @@ def prompt_of(weights: Path, tokens: int) -> str:
 
 
 def stream_one(url: str, inputs: dict, start: threading.Barrier | None = None) -> dict:
-    """One SSE prediction: when its first output arrived, its metrics, its status."""
+    """One SSE prediction: when its first output arrived, its metrics, its status.
+
+    A 409 "At capacity" is asked again, as a client would, and counted: coglet 0.23.1 refuses a
+    request that meets its slot pool's lock, free slots or not (README), and these runs stay within
+    the slots Cog admits.
+    """
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
     first = None
     completed = {}
-    with requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
-                       stream=True, timeout=600) as response:
-        if response.status_code != 200:
-            return {"status": f"HTTP {response.status_code}", "error": response.text}
-        for event, data in sse_events(response):
-            if event == "output" and first is None:
-                first = time.perf_counter()
-            elif event == "completed":
-                completed = data
+    for retries in range(20):
+        with requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
+                           stream=True, timeout=600) as response:
+            if response.status_code == 409 and AT_CAPACITY in response.text:
+                time.sleep(0.05)
+                continue
+            if response.status_code != 200:
+                return {"status": f"HTTP {response.status_code}", "error": response.text}
+            for event, data in sse_events(response):
+                if event == "output" and first is None:
+                    first = time.perf_counter()
+                elif event == "completed":
+                    completed = data
+            break
     end = time.perf_counter()
     return {
-        "status": completed.get("status"),
+        "status": completed.get("status", "HTTP 409 (20 tries)"),
         "error": completed.get("error"),
         "time_to_first_token_s": None if first is None else first - t0,
         "end": end,
         "metrics": completed.get("metrics", {}),
+        "at_capacity_retries": retries,
     }
 
 
@@ -117,6 +130,7 @@ def run_clients(url: str, n: int, prompt: str, new_tokens: int) -> dict:
         "metric_ttft_p50_s": percentile(metric_ttfts, 0.5),
         "metric_ttft_p95_s": percentile(metric_ttfts, 0.95),
         "time_in_queue_max_s": max(r["metrics"].get("time_in_queue", 0.0) for r in results),
+        "at_capacity_retries": sum(r["at_capacity_retries"] for r in results),
     }
 
 
@@ -127,35 +141,44 @@ def back_to_back(url: str, count: int) -> dict:
     return {"predictions": count, "http_409": codes.count(409), "http_200": codes.count(200)}
 
 
+def pairs_at_once(url: str, count: int) -> dict:
+    """`count` times, two sync predictions released at one instant (not asked again): how many met
+    409 with slots free, coglet 0.23.1's slot-pool lock race (README)."""
+    codes = []
+    for _ in range(count):
+        start = threading.Barrier(2)
+        pair = [0, 0]
+
+        def send(i: int) -> None:
+            start.wait()
+            pair[i] = requests.post(f"{url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}},
+                                    timeout=60).status_code
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes += pair
+    return {"requests": len(codes), "http_409": codes.count(409), "http_200": codes.count(200)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tiny", action="store_true", help="the tiny random notus (CPU)")
-    source.add_argument("--random", type=Path, help="a random-weight notus of the exact size here (written if missing)")
-    source.add_argument("--weights", type=Path, help="a real checkpoint")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sequential", type=int, default=100, help="back-to-back predictions to count 409s over")
+    parser.add_argument("--pairs", type=int, default=100, help="pairs of predictions at one instant to count 409s over")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
-    if args.tiny:
-        weights, model = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), "tiny random notus"
-    elif args.random:
-        if not (args.random / "model.safetensors.index.json").exists():
-            write_full(args.random)
-        weights, model = args.random, "random-weight notus-7b-v1 (exact config), bf16"
-    else:
-        weights, model = args.weights, f"notus-7b-v1 weights from {args.weights}"
+    weights, model = checkpoint_from(args)
     prompt = prompt_of(weights, args.prompt_tokens)
 
-    log_path = Path(tempfile.mkdtemp(prefix="notus-server-")) / "server.log"
-    t0 = time.perf_counter()
-    server = Server(weights, log_path, wait_ready=False)
+    server, setup_seconds, health = boot(weights)
     try:
-        health = server.wait_ready(timeout=1800)
-        setup_seconds = time.perf_counter() - t0
         setup_logs = health["setup"]["logs"]
         run_clients(server.url, max(args.clients), prompt, 4)  # warm-up: every batch size, briefly
         runs = []
@@ -163,6 +186,7 @@ def main() -> None:
             runs.append(run_clients(server.url, n, prompt, args.new_tokens))
             runs[-1]["aggregate_over_first"] = runs[-1]["aggregate_tokens_per_second"] / runs[0]["aggregate_tokens_per_second"]
         sequential = back_to_back(server.url, args.sequential)
+        pairs = pairs_at_once(server.url, args.pairs)
     finally:
         server.stop()
 
@@ -179,6 +203,7 @@ def main() -> None:
         "setup_timings": setup_timings(setup_logs),
         "runs": runs,
         "back_to_back": sequential,
+        "pairs_at_once": pairs,
         "machine": platform.node(),
         "command": " ".join(["python", "scripts/benchmark_server.py"] + sys.argv[1:]),
     }
@@ -198,16 +223,18 @@ def markdown_table(report: dict) -> str:
         *[f"setup: {line.strip()}" for line in report["setup_timings"]],
         "",
         "| clients | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 / p95 (metric) | "
-        "first SSE chunk p50 / p95 (client) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "first SSE chunk p50 / p95 (client) | 409s asked again |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["runs"]:
         lines.append(f"| {r['clients']} | {r['aggregate_tokens_per_second']:.1f} | {r['aggregate_over_first']:.2f} | "
                      f"{r['per_stream_tokens_per_second_median']:.1f} | {r['metric_ttft_p50_s'] * 1000:.1f} / "
                      f"{r['metric_ttft_p95_s'] * 1000:.1f} ms | {r['ttft_p50_s'] * 1000:.1f} / "
-                     f"{r['ttft_p95_s'] * 1000:.1f} ms |")
+                     f"{r['ttft_p95_s'] * 1000:.1f} ms | {r['at_capacity_retries']} |")
     b = report["back_to_back"]
-    lines += ["", f"{b['predictions']} back-to-back predictions: {b['http_409']} met 409"]
+    p = report["pairs_at_once"]
+    lines += ["", f"{b['predictions']} back-to-back predictions: {b['http_409']} met 409",
+              f"{p['requests']} predictions sent in pairs at one instant: {p['http_409']} met 409 (coglet's lock race)"]
     return "\n".join(lines)
 
 

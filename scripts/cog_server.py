@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,6 +120,19 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
+
+
+def boot(weights: Path, timeout: float = 1800) -> tuple[Server, float, dict]:
+    """scripts/serve on `weights` (its log in a new temporary folder), once setup is done: the server,
+    the seconds from its start to READY, and the health check (setup's logs in it). Stop it when done."""
+    t0 = time.perf_counter()
+    server = Server(weights, Path(tempfile.mkdtemp(prefix="notus-server-")) / "server.log", wait_ready=False)
+    try:
+        health = server.wait_ready(timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server, time.perf_counter() - t0, health
 
 
 def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:

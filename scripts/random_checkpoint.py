@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import mistral_common
@@ -66,6 +67,25 @@ def write_full(out: Path) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, max_shard_size="2GB")
     return write_small_files(out)  # save_pretrained rewrites the configs: notus's own files
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tiny / --random DIR / --weights DIR (one required): the checkpoint a server script starts on."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiny", action="store_true", help="the tiny random notus (CPU)")
+    source.add_argument("--random", type=Path, help="a random-weight notus of the exact size here (written if missing)")
+    source.add_argument("--weights", type=Path, help="a real checkpoint")
+
+
+def checkpoint_from(args) -> tuple[Path, str]:
+    """(directory, description) of the checkpoint add_checkpoint_arguments' options name, written if needed."""
+    if args.tiny:
+        return write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-"))), "tiny random notus"
+    if args.random:
+        if not (args.random / "model.safetensors.index.json").exists():
+            write_full(args.random)
+        return args.random, "random-weight notus-7b-v1 (exact config), bf16"
+    return args.weights, f"notus-7b-v1 weights from {args.weights}"
 
 
 def main() -> None:

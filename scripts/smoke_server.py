@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +26,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 
 from benchmark import run_facts, write_report  # noqa: E402
-from cog_server import Server, cancel_mid_generation, setup_timings, sse_events  # noqa: E402
-from random_checkpoint import write_full, write_tiny  # noqa: E402
+from cog_server import Server, boot, cancel_mid_generation, setup_timings, sse_events  # noqa: E402
+from random_checkpoint import add_checkpoint_arguments, checkpoint_from  # noqa: E402
 
 INPUTS = dict(prompt="Write a haiku about the sea.", system_prompt="You are a poet.", max_tokens=64, seed=7)
 
@@ -74,28 +73,14 @@ def smoke(server: Server) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tiny", action="store_true", help="the tiny random notus (CPU)")
-    source.add_argument("--random", type=Path, help="a random-weight notus of the exact size here (written if missing)")
-    source.add_argument("--weights", type=Path, help="a real checkpoint")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
-    if args.tiny:
-        weights = write_tiny(Path(tempfile.mkdtemp(prefix="notus-tiny-")))
-    elif args.random:
-        if not (args.random / "model.safetensors.index.json").exists():
-            write_full(args.random)
-        weights = args.random
-    else:
-        weights = args.weights
+    weights, _ = checkpoint_from(args)
 
-    log_path = Path(tempfile.mkdtemp(prefix="notus-server-")) / "server.log"
-    t0 = time.perf_counter()
-    server = Server(weights, log_path, wait_ready=False)
+    server, boot_seconds, health = boot(weights)
     try:
-        health = server.wait_ready(timeout=1800)
-        boot_seconds = time.perf_counter() - t0
         timings = setup_timings(health["setup"]["logs"])
         print(f"ready in {boot_seconds:.1f} s; setup: " + "; ".join(timings), flush=True)
         checks = smoke(server)

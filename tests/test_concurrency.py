@@ -6,15 +6,22 @@ one test starts a server whose KV cache holds only 2 slots, so predictions wait 
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from cog_server import Server, sse_events
+
+REPO = Path(__file__).resolve().parent.parent
 
 TOPICS = ["the sea", "bread", "owls", "trains", "winter", "chess", "rivers", "jazz"]
 # Half greedy, half seeded sampling; long enough to overlap on a CPU.
@@ -32,8 +39,9 @@ def admitted(send) -> requests.Response:
 
     coglet 0.23.1 refuses a request that arrives while another holds its slot pool's lock
     (PermitPool::try_acquire gives up on try_lock, crates/coglet/src/permit/pool.rs), whatever the
-    free slots: requests released at one instant meet it now and then (1 in 320 here). These tests
-    stay below the slots Cog admits, so a 409 is that race, and a client would ask again too.
+    free slots: requests released at one instant meet it now and then (2 to 7 of 200 requests sent
+    in pairs here, scripts/benchmark_server.py). These tests stay below the slots Cog admits, so a
+    409 is that race, and a client would ask again too.
     """
     for _ in range(20):
         response = send()
@@ -233,3 +241,21 @@ def test_a_soak_of_300_mixed_predictions_with_cancels_keeps_memory_flat_and_ends
     assert server.worker_cpu_seconds() - idle_start < 0.2  # no work left for anybody
     assert server.wait_ready()["status"] == "READY"
     assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
+
+
+def test_server_benchmark_runs_on_the_cpu_and_reports_its_figures(tmp_path):
+    """scripts/benchmark_server.py, which measures the GPU issue's serving figures, on the tiny model."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_server.py"), "--tiny", "--clients", "1", "3",
+                    "--new-tokens", "8", "--sequential", "5", "--pairs", "5", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (report_file,) = tmp_path.glob("server-*.json")
+    report = json.loads(report_file.read_text())
+    assert [r["clients"] for r in report["runs"]] == [1, 3]
+    for run in report["runs"]:
+        assert run["aggregate_tokens_per_second"] > 0 and 0 < run["metric_ttft_p50_s"] <= run["metric_ttft_p95_s"]
+    assert report["runs"][1]["aggregate_over_first"] == pytest.approx(
+        report["runs"][1]["aggregate_tokens_per_second"] / report["runs"][0]["aggregate_tokens_per_second"])
+    assert report["back_to_back"] == {"predictions": 5, "http_409": 0, "http_200": 5}
+    assert report["pairs_at_once"]["requests"] == 10
+    assert any("warm-up done in" in line for line in report["setup_timings"])
+    assert report["torch"] == torch.__version__ and "benchmark_server.py --tiny" in report["command"]
