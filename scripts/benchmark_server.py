@@ -24,8 +24,6 @@ unless set in the environment).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import threading
@@ -33,14 +31,14 @@ import time
 from pathlib import Path
 
 import requests
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
-AT_CAPACITY = "At capacity"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark import percentile  # noqa: E402
-from cog_server import boot, setup_timings, sse_events  # noqa: E402
+from benchmark import percentile, run_facts, write_report  # noqa: E402
+from cog_server import admitted, at_once, boot, setup_timings, sse_events  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import add_checkpoint_arguments, checkpoint_from  # noqa: E402
 
@@ -59,37 +57,39 @@ def prompt_of(weights: Path, tokens: int) -> str:
 def stream_one(url: str, inputs: dict, start: threading.Barrier | None = None) -> dict:
     """One SSE prediction: when its first output arrived, its metrics, its status.
 
-    A 409 "At capacity" is asked again, as a client would, and counted: coglet 0.23.1 refuses a
-    request that meets its slot pool's lock, free slots or not (README), and these runs stay within
-    the slots Cog admits.
+    A 409 "At capacity" is asked again, as a client would, and counted (cog_server.admitted: coglet
+    0.23.1 refuses a request that meets its slot pool's lock, free slots or not; these runs stay
+    within the slots Cog admits).
     """
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
     first = None
     completed = {}
-    for retries in range(20):
-        with requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
-                           stream=True, timeout=600) as response:
-            if response.status_code == 409 and AT_CAPACITY in response.text:
-                time.sleep(0.05)
-                continue
-            if response.status_code != 200:
-                return {"status": f"HTTP {response.status_code}", "error": response.text}
-            for event, data in sse_events(response):
-                if event == "output" and first is None:
-                    first = time.perf_counter()
-                elif event == "completed":
-                    completed = data
-            break
+    sent = 0
+
+    def send() -> requests.Response:
+        nonlocal sent
+        sent += 1
+        return requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
+                             stream=True, timeout=600)
+
+    with admitted(send) as response:
+        if response.status_code != 200:
+            return {"status": f"HTTP {response.status_code}", "error": response.text}
+        for event, data in sse_events(response):
+            if event == "output" and first is None:
+                first = time.perf_counter()
+            elif event == "completed":
+                completed = data
     end = time.perf_counter()
     return {
-        "status": completed.get("status", "HTTP 409 (20 tries)"),
+        "status": completed.get("status"),
         "error": completed.get("error"),
         "time_to_first_token_s": None if first is None else first - t0,
         "end": end,
         "metrics": completed.get("metrics", {}),
-        "at_capacity_retries": retries,
+        "at_capacity_retries": sent - 1,
     }
 
 
@@ -144,22 +144,11 @@ def back_to_back(url: str, count: int) -> dict:
 def pairs_at_once(url: str, count: int) -> dict:
     """`count` times, two sync predictions released at one instant (not asked again): how many met
     409 with slots free, coglet 0.23.1's slot-pool lock race (README)."""
-    codes = []
-    for _ in range(count):
-        start = threading.Barrier(2)
-        pair = [0, 0]
+    def send(_) -> int:
+        return requests.post(f"{url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}},
+                             timeout=60).status_code
 
-        def send(i: int) -> None:
-            start.wait()
-            pair[i] = requests.post(f"{url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}},
-                                    timeout=60).status_code
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        codes += pair
+    codes = [code for _ in range(count) for code in at_once(send, [0, 1])]
     return {"requests": len(codes), "http_409": codes.count(409), "http_200": codes.count(200)}
 
 
@@ -190,12 +179,10 @@ def main() -> None:
     finally:
         server.stop()
 
-    import torch  # only for the report: which torch the server ran
-
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
     report = {
         "model": model,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
+        **run_facts(kind),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "setup_seconds": setup_seconds,
@@ -204,13 +191,8 @@ def main() -> None:
         "runs": runs,
         "back_to_back": sequential,
         "pairs_at_once": pairs,
-        "machine": platform.node(),
-        "command": " ".join(["python", "scripts/benchmark_server.py"] + sys.argv[1:]),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    path = args.out / f"server-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(args.out, f"server-{kind}", report)
     print(markdown_table(report))
     print(f"wrote {path}")
 

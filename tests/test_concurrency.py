@@ -19,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from cog_server import Server, sse_events
+from cog_server import AT_CAPACITY, Server, admitted, at_once, sse_events
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,39 +29,6 @@ CASES = [dict(prompt=f"Tell me about {t}.", max_tokens=150, min_tokens=150, temp
     dict(prompt=f"Tell me about {t}.", max_tokens=150, min_tokens=150, temperature=0.9, top_k=0, seed=7 + i)
     for i, t in enumerate(TOPICS[4:])
 ]
-
-
-AT_CAPACITY = "At capacity - all prediction slots busy"
-
-
-def admitted(send) -> requests.Response:
-    """send(), again while coglet answers 409 with slots free.
-
-    coglet 0.23.1 refuses a request that arrives while another holds its slot pool's lock
-    (PermitPool::try_acquire gives up on try_lock, crates/coglet/src/permit/pool.rs), whatever the
-    free slots: requests released at one instant meet it now and then (2 to 7 of 200 requests sent
-    in pairs here, scripts/benchmark_server.py). These tests stay below the slots Cog admits, so a
-    409 is that race, and a client would ask again too.
-    """
-    for _ in range(20):
-        response = send()
-        if response.status_code != 409:
-            return response
-        assert response.json()["error"] == AT_CAPACITY
-        time.sleep(0.05)
-    return response
-
-
-def at_once(fn, items) -> list:
-    """fn(item) for every item, all released at the same instant, each in its own thread."""
-    start = threading.Barrier(len(items))
-
-    def run(item):
-        start.wait()
-        return fn(item)
-
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(run, items))
 
 
 def output_alone(server, inputs) -> str:
