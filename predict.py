@@ -9,11 +9,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Optional
 
 import cog
-from cog import AsyncConcatenateIterator, BasePredictor, Input
+from cog import BasePredictor, ConcatenateIterator, Input
+
+from notus import coglet_stream
 
 from notus.capacity import admitted_predictions
 from notus.checkpoint import check_checkpoint
@@ -53,6 +56,7 @@ class Predictor(BasePredictor):
         # One KV-cache slot for each prediction Cog lets in at once (COG_MAX_CONCURRENCY), as many as fit.
         self.engine = Engine.load(weights_dir, device, admitted=admitted_predictions())
         self.engine.warm_up()
+        log.info(coglet_stream.install())
         log.info("setup done in %.2f s", time.perf_counter() - t0)
         # Cog reads our stdout on another thread and closes the setup logs when setup returns:
         # a moment's pause keeps these last lines in them (seen missing without it).
@@ -60,6 +64,8 @@ class Predictor(BasePredictor):
 
     # Both read from this source by `cog build`: the literal max becomes the image's COG_MAX_CONCURRENCY
     # (why 32: notus/capacity.py); without @cog.streaming the built image refuses SSE (406).
+    # A coroutine that returns a plain generator: the one shape coglet 0.23.1 both streams and runs
+    # concurrently (notus/coglet_stream.py).
     @cog.concurrent(max=32)
     @cog.streaming
     async def predict(
@@ -132,7 +138,8 @@ class Predictor(BasePredictor):
             description="Deprecated: the old name of min_tokens, still honoured. Send min_tokens "
             "instead; giving both with different values fails the prediction.",
         ),
-    ) -> AsyncConcatenateIterator[str]:
+    ) -> ConcatenateIterator[str]:
+        stats = GenerationStats()  # time to first token counts from here
         params = SamplingParams(
             max_tokens=with_alias("max_tokens", max_tokens, DEFAULT_MAX_TOKENS, "max_new_tokens", max_new_tokens),
             min_tokens=with_alias("min_tokens", min_tokens, DEFAULT_MIN_TOKENS, "min_new_tokens", min_new_tokens),
@@ -145,7 +152,10 @@ class Predictor(BasePredictor):
             stop_sequences=tuple(parse_stop_sequences(stop_sequences)),
             seed=seed,
         )
-        stats = GenerationStats()
+        return coglet_stream.stream(self._reply(system_prompt, prompt, params, stats))
+
+    async def _reply(self, system_prompt: str, prompt: str, params: SamplingParams,
+                     stats: GenerationStats) -> AsyncIterator[str]:
         try:
             # A cancel (or a client gone) arrives here as asyncio.CancelledError: leaving the loop stops
             # the request in the engine within a step, and the error goes on up to Cog.

@@ -10,12 +10,19 @@ from the source, where the predict method must be decorated with `@cog.streaming
 imported from cog). The decorator does nothing at run time, so only reading the source shows that
 it is missing, here in our tests instead of as 406s after `cog push`. The same goes for
 `@cog.concurrent(max=N)`, which the builder turns into the image's COG_MAX_CONCURRENCY.
+
+Checked against the builder for predict.py's shape (`async def predict(...) -> ConcatenateIterator[str]`
+returning a plain generator, notus/coglet_stream.py): pkg/schema/python reads the return annotation's
+text, so ConcatenateIterator and AsyncConcatenateIterator both give the concatenated iterator Output
+(schema_type.go), and streaming needs only @streaming plus an iterator output; what the function
+returns at run time is not looked at.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.metadata
 import json
 import sys
 import warnings
@@ -160,7 +167,8 @@ def openapi_schema(predictor_ref: str = "predict.py:Predictor") -> dict[str, Any
     string = lambda title, **kw: {"title": title, "type": "string", **kw}  # noqa: E731
     return {
         "openapi": "3.0.2",
-        "info": {"title": "Cog", "version": "0.1.0"},
+        # The builder writes its own version here; cog.yaml's sdk_version pins the same release.
+        "info": {"title": "Cog", "version": importlib.metadata.version("cog")},
         "paths": {
             "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": ok}}},
             "/health-check": {

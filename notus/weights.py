@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger("notus")
 
 REPO_ID = "argilla/notus-7b-v1"
-# The hub revision the download fetches. "main" until a commit sha is pinned (see README); the
+# The hub revision the download fetches. "main" until a commit sha is pinned (see docs/serving.md); the
 # commit actually fetched is recorded in VERIFIED.json.
 REVISION = "main"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"

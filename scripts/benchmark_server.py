@@ -6,15 +6,16 @@
                                                                      # weights (written there first if missing)
     python scripts/benchmark_server.py --weights weights/            # GPU: the real checkpoint
 
-For each N of --clients (default 1 8 32), N clients at once, each streaming one prediction over SSE
-(Accept: text/event-stream), as callers of the HTTP API would: a prompt of --prompt-tokens tokens
-(chat template included), exactly --new-tokens new tokens (min_tokens = max_tokens), sampled at
-temperature 0.7 / top_p 0.95 / top_k 50 with a seed of its own. Reported per N: aggregate output
-tokens/s (every token over the time from the requests to the last stream's end), time to first token
-p50/p95 from the predictions' own metric and as a client sees it (request sent to first output
-event; with coglet 0.23.1 that is when the prediction ends, see README), per-stream tokens/s (median,
-from the prediction's own metrics), and the aggregate over the first N's; a client meeting 409 asks
-again (counted). Then --sequential back-to-back predictions from one client, and --pairs pairs of
+For each N of --clients (default 1 8 32), N clients at once, each sending one prediction as callers
+of the HTTP API would, twice: streamed over SSE (Accept: text/event-stream), then as plain JSON (the
+sync answer). Each has a prompt of --prompt-tokens tokens (chat template included), exactly
+--new-tokens new tokens (min_tokens = max_tokens), sampled at temperature 0.7 / top_p 0.95 / top_k 50
+with a seed of its own. Reported per N and mode: aggregate output tokens/s (every token over the time
+from the requests to the last answer's end), per-stream tokens/s (median, from the predictions' own
+metrics), time to first token p50/p95 from the prediction's own metric, and for SSE as a client sees
+it (request sent to its first output event) with the lag between the two per prediction; SSE's
+aggregate over JSON's, and each N's aggregate over the first N's. A client meeting 409 asks again
+(counted). Then --sequential back-to-back predictions from one client, and --pairs pairs of
 predictions released at one instant, counting 409s. Writes JSON under benchmarks/ and prints a
 markdown table.
 The server runs as the built image would (COG_MAX_CONCURRENCY from predict.py's @cog.concurrent,
@@ -24,6 +25,7 @@ unless set in the environment).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -38,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import percentile, run_facts, write_report  # noqa: E402
-from cog_server import admitted, at_once, boot, setup_timings, sse_events  # noqa: E402
+from cog_server import admitted, at_once, boot, setup_timings  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import add_checkpoint_arguments, checkpoint_from  # noqa: E402
 
@@ -54,8 +56,9 @@ def prompt_of(weights: Path, tokens: int) -> str:
     return text.strip()
 
 
-def stream_one(url: str, inputs: dict, start: threading.Barrier | None = None) -> dict:
-    """One SSE prediction: when its first output arrived, its metrics, its status.
+def predict_one(url: str, inputs: dict, sse: bool, start: threading.Barrier | None = None) -> dict:
+    """One prediction, streamed over SSE or answered as JSON: its metrics, its status, and for SSE when
+    its first output event arrived.
 
     A 409 "At capacity" is asked again, as a client would, and counted (cog_server.admitted: coglet
     0.23.1 refuses a request that meets its slot pool's lock, free slots or not; these runs stay
@@ -64,44 +67,53 @@ def stream_one(url: str, inputs: dict, start: threading.Barrier | None = None) -
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
-    first = None
-    completed = {}
+    started = first = None  # coglet's `start` event (the prediction began in the worker), the first output
     sent = 0
 
     def send() -> requests.Response:
         nonlocal sent
         sent += 1
-        return requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
-                             stream=True, timeout=600)
+        return requests.post(f"{url}/predictions", json={"input": inputs}, stream=sse, timeout=600,
+                             headers={"Accept": "text/event-stream"} if sse else None)
 
     with admitted(send) as response:
         if response.status_code != 200:
             return {"status": f"HTTP {response.status_code}", "error": response.text}
-        for event, data in sse_events(response):
-            if event == "output" and first is None:
-                first = time.perf_counter()
-            elif event == "completed":
-                completed = data
-    end = time.perf_counter()
+        if sse:
+            # The raw bytes, not each event decoded: on a small machine the client's own parsing of
+            # every chunk would take CPU from the server it measures. The first output event's arrival
+            # is timed; only the completed event is decoded.
+            received = b""
+            for data in response.iter_content(chunk_size=None):
+                received += data
+                if started is None and b"event: start" in received:
+                    started = time.perf_counter()
+                if first is None and b"event: output" in received:
+                    first = time.perf_counter()
+            completed = received[received.rindex(b"event: completed"):]
+            answer = json.loads(completed.split(b"data:", 1)[1].split(b"\n", 1)[0])
+        else:
+            answer = response.json()
     return {
-        "status": completed.get("status"),
-        "error": completed.get("error"),
-        "time_to_first_token_s": None if first is None else first - t0,
-        "end": end,
-        "metrics": completed.get("metrics", {}),
+        "status": answer.get("status"),
+        "error": answer.get("error"),
+        "first_chunk_s": None if first is None else first - t0,
+        "start_event_s": None if started is None else started - t0,
+        "end": time.perf_counter(),
+        "metrics": answer.get("metrics", {}),
         "at_capacity_retries": sent - 1,
     }
 
 
-def run_clients(url: str, n: int, prompt: str, new_tokens: int) -> dict:
-    """n clients at once, one streaming prediction each."""
+def run_clients(url: str, n: int, prompt: str, new_tokens: int, sse: bool) -> dict:
+    """n clients at once, one prediction each."""
     start = threading.Barrier(n + 1)
     results: list[dict] = [{} for _ in range(n)]
 
     def client(i: int) -> None:
         inputs = dict(prompt=prompt, max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
                       top_k=50, seed=i)
-        results[i] = stream_one(url, inputs, start)
+        results[i] = predict_one(url, inputs, sse, start)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for thread in threads:
@@ -115,23 +127,32 @@ def run_clients(url: str, n: int, prompt: str, new_tokens: int) -> dict:
         raise SystemExit(f"{len(failed)} of {n} predictions did not succeed, e.g. {failed[0]}")
     tokens = sum(r["metrics"]["output_token_count"] for r in results)
     assert tokens == n * new_tokens, "a stream ended early"
-    ttfts = [r["time_to_first_token_s"] for r in results]
     metric_ttfts = [r["metrics"]["time_to_first_token"] for r in results]
-    return {
+    run = {
         "clients": n,
+        "mode": "sse" if sse else "json",
         "new_tokens_each": new_tokens,
         "wall_seconds": max(r["end"] for r in results) - t0,
         "aggregate_tokens_per_second": tokens / (max(r["end"] for r in results) - t0),
         "per_stream_tokens_per_second_median": statistics.median(r["metrics"]["tokens_per_second"] for r in results),
-        "ttft_p50_s": percentile(ttfts, 0.5),
-        "ttft_p95_s": percentile(ttfts, 0.95),
-        # The prediction's own time_to_first_token metric: when the engine handed out the first token.
-        # coglet 0.23.1 sends an async predict's chunks only when it ends, so clients see them later.
+        # The prediction's own time_to_first_token metric: from predict's call to the engine's first token.
         "metric_ttft_p50_s": percentile(metric_ttfts, 0.5),
         "metric_ttft_p95_s": percentile(metric_ttfts, 0.95),
         "time_in_queue_max_s": max(r["metrics"].get("time_in_queue", 0.0) for r in results),
         "at_capacity_retries": sum(r["at_capacity_retries"] for r in results),
     }
+    if sse:
+        # As the client sees it: request sent to the first output event. And how much later than the
+        # metric (which counts from predict's call) the first output arrives after coglet's `start`
+        # event, sent as the prediction begins in the worker: the worker's own admission of the
+        # prediction plus the delivery of the piece. Before `start` is coglet's handling of the request.
+        firsts = [r["first_chunk_s"] for r in results]
+        lags = [r["first_chunk_s"] - r["start_event_s"] - r["metrics"]["time_to_first_token"] for r in results]
+        before = [r["start_event_s"] for r in results]
+        run |= {"first_chunk_p50_s": percentile(firsts, 0.5), "first_chunk_p95_s": percentile(firsts, 0.95),
+                "start_event_p50_s": percentile(before, 0.5), "start_event_p95_s": percentile(before, 0.95),
+                "first_chunk_lag_p50_s": percentile(lags, 0.5), "first_chunk_lag_p95_s": percentile(lags, 0.95)}
+    return run
 
 
 def back_to_back(url: str, count: int) -> dict:
@@ -143,7 +164,7 @@ def back_to_back(url: str, count: int) -> dict:
 
 def pairs_at_once(url: str, count: int) -> dict:
     """`count` times, two sync predictions released at one instant (not asked again): how many met
-    409 with slots free, coglet 0.23.1's slot-pool lock race (README)."""
+    409 with slots free, coglet 0.23.1's slot-pool lock race (docs/coglet.md)."""
     def send(_) -> int:
         return requests.post(f"{url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}},
                              timeout=60).status_code
@@ -169,11 +190,15 @@ def main() -> None:
     server, setup_seconds, health = boot(weights)
     try:
         setup_logs = health["setup"]["logs"]
-        run_clients(server.url, max(args.clients), prompt, 4)  # warm-up: every batch size, briefly
+        run_clients(server.url, max(args.clients), prompt, 4, sse=True)  # warm-up: every batch size, briefly
         runs = []
         for n in args.clients:
-            runs.append(run_clients(server.url, n, prompt, args.new_tokens))
-            runs[-1]["aggregate_over_first"] = runs[-1]["aggregate_tokens_per_second"] / runs[0]["aggregate_tokens_per_second"]
+            streamed, answered = (run_clients(server.url, n, prompt, args.new_tokens, sse=mode) for mode in (True, False))
+            streamed["sse_over_json"] = streamed["aggregate_tokens_per_second"] / answered["aggregate_tokens_per_second"]
+            runs += [streamed, answered]
+        for run in runs:
+            first = next(r for r in runs if r["mode"] == run["mode"])
+            run["aggregate_over_first"] = run["aggregate_tokens_per_second"] / first["aggregate_tokens_per_second"]
         sequential = back_to_back(server.url, args.sequential)
         pairs = pairs_at_once(server.url, args.pairs)
     finally:
@@ -204,15 +229,20 @@ def markdown_table(report: dict) -> str:
         *[f"engine: {line.strip()}" for line in report["engine_plan"]],
         *[f"setup: {line.strip()}" for line in report["setup_timings"]],
         "",
-        "| clients | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 / p95 (metric) | "
-        "first SSE chunk p50 / p95 (client) | 409s asked again |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| clients | mode | aggregate tok/s | x first | SSE / JSON | per-stream tok/s (median) | "
+        "TTFT p50 / p95 (metric) | first SSE chunk p50 / p95 (client) | start event p50 / p95 (client) | "
+        "first chunk after start, less the metric, p50 / p95 | 409s asked again |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    ms = lambda run, key: f"{run[key + '_p50_s'] * 1000:.1f} / {run[key + '_p95_s'] * 1000:.1f} ms"  # noqa: E731
     for r in report["runs"]:
-        lines.append(f"| {r['clients']} | {r['aggregate_tokens_per_second']:.1f} | {r['aggregate_over_first']:.2f} | "
-                     f"{r['per_stream_tokens_per_second_median']:.1f} | {r['metric_ttft_p50_s'] * 1000:.1f} / "
-                     f"{r['metric_ttft_p95_s'] * 1000:.1f} ms | {r['ttft_p50_s'] * 1000:.1f} / "
-                     f"{r['ttft_p95_s'] * 1000:.1f} ms | {r['at_capacity_retries']} |")
+        sse = r["mode"] == "sse"
+        cells = [r["clients"], r["mode"], f"{r['aggregate_tokens_per_second']:.1f}", f"{r['aggregate_over_first']:.2f}",
+                 f"{r['sse_over_json']:.2f}" if sse else "", f"{r['per_stream_tokens_per_second_median']:.1f}",
+                 ms(r, "metric_ttft"), *((ms(r, "first_chunk"), ms(r, "start_event"), ms(r, "first_chunk_lag")) if sse
+                                         else ("", "", "")),
+                 r["at_capacity_retries"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     b = report["back_to_back"]
     p = report["pairs_at_once"]
     lines += ["", f"{b['predictions']} back-to-back predictions: {b['http_409']} met 409",

@@ -103,6 +103,19 @@ class Server:
         fields = Path(f"/proc/{self.worker_pid()}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def seconds_until_idle(self, within: float, window: float = 0.15) -> float | None:
+        """Seconds until the worker stops using CPU (a window under 15 % of a core), None if it still
+        works after `within` seconds: the engine thread keeps a core busy while it steps, on the GPU
+        too (it waits on each step's event)."""
+        t0 = time.monotonic()
+        while True:
+            start = self.worker_cpu_seconds()
+            time.sleep(window)
+            if self.worker_cpu_seconds() - start < 0.15 * window:
+                return max(0.0, time.monotonic() - window - t0)
+            if time.monotonic() - t0 > within:
+                return None
+
     def worker_memory(self) -> int:
         """The worker's resident memory, in bytes."""
         for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
@@ -147,6 +160,28 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
             yield name, json.loads(line.split(":", 1)[1])
 
 
+def sse_prediction(server: Server, inputs: dict, stop_after: int | None = None, prediction_id: str | None = None,
+                   on_chunk: Callable[[int], None] | None = None) -> dict:
+    """One prediction streamed over SSE: its chunks with their arrival times (time.monotonic()), and
+    the completed event (arrival time, data), None if the stream ended without one. `stop_after`
+    chunks, the client closes the connection; `on_chunk(count)` runs after each chunk arrives."""
+    chunks, completed = [], None
+    body = {"input": inputs, **({"id": prediction_id} if prediction_id else {})}
+    with admitted(lambda: requests.post(f"{server.url}/predictions", json=body,
+                                        headers={"Accept": "text/event-stream"}, stream=True, timeout=120)) as response:
+        assert response.status_code == 200, response.text
+        for event, data in sse_events(response):
+            if event == "output":
+                chunks.append((time.monotonic(), data["chunk"]))
+                if on_chunk is not None:
+                    on_chunk(len(chunks))
+                if len(chunks) == stop_after:
+                    break  # leaving the `with` closes the connection
+            elif event == "completed":
+                completed = (time.monotonic(), data)
+    return {"chunks": chunks, "completed": completed}
+
+
 def admitted(send: Callable[[], requests.Response]) -> requests.Response:
     """send(), again while coglet answers 409 At capacity with slots free; any other answer as it is.
 
@@ -187,10 +222,13 @@ class Webhooks:
 
     def __init__(self):
         received = self.received = []
+        arrivals = self.arrivals = []  # (time.monotonic(), webhook), as each arrived
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                arrivals.append((time.monotonic(), body))
+                received.append(body)
                 self.send_response(200)
                 self.end_headers()
 
@@ -223,8 +261,7 @@ def cancel_mid_generation(server: Server, prediction_id: str = "cancel-me") -> d
             headers={"Prefer": "respond-async"}, timeout=10,
         )
         assert response.status_code == 202, response.text
-        # No output webhook tells when it generates: coglet 0.23.1 sends an async predictor's output
-        # only at its end (README). The server logs the start instead.
+        # The server logs the start (output webhooks would tell too, one per token: thousands here).
         started = server.wait_for_log(f'"Starting prediction","prediction_id":"{prediction_id}"', timeout=30)
         busy = _cores_busy(server, seconds=1.0)
         t0 = time.monotonic()

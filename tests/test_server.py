@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -58,8 +59,12 @@ def test_schema_describes_every_input_with_its_limits(server):
         assert props[old]["deprecated"] is True and props[old]["nullable"] is True and "default" not in props[old]
     assert not any(props[name].get("deprecated") for name in props if name not in ("max_new_tokens", "min_new_tokens"))
     assert "comma" in props["stop_sequences"]["description"] and "Spaces around" in props["stop_sequences"]["description"]
-    output = schema["components"]["schemas"]["Output"]
-    assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
+    # What cog build's Go writes for a ConcatenateIterator[str] (pkg/schema/schema_type.go), under its version.
+    assert schema["components"]["schemas"]["Output"] == {
+        "title": "Output", "type": "array", "items": {"type": "string"},
+        "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate",
+    }
+    assert schema["info"] == {"title": "Cog", "version": importlib.metadata.version("cog")}
 
 
 def test_sync_prediction_matches_the_engine(server, engine):

@@ -1,0 +1,167 @@
+"""A reply streamed through Cog's runtime (coglet) piece by piece, and stopped by a cancel.
+
+coglet 0.23.1 collects everything an `async def predict` yields and sends it only when it ends, and
+it runs a sync `def predict` one prediction at a time. What streams (SSE, output webhooks) and stays
+concurrent is an `async def predict` that *returns* a plain generator: coglet iterates it on the
+prediction's own thread and sends each item as it comes. `stream()` makes that generator from the
+engine's async one: each next() pulls one piece on coglet's event loop, in the prediction's
+context (so its logs and metrics land in that prediction), and nothing is generated before coglet
+asks for the first piece or after it stops asking.
+
+coglet cancels (API cancel, SSE client gone) by cancelling the future of the coroutine it
+submitted, long finished by then. `install()` hooks that future so its cancel also reaches the
+piece being pulled. This module is the only place that knows coglet's internals, checked against
+coglet 0.23.1 (`crates/coglet-python/src/predictor.rs`, `worker_bridge.rs`): it submits predict as
+`asyncio.run_coroutine_threadsafe(_ctx_wrapper(...), loop)`, looking the function up on the
+asyncio module at each call, and cancels with that future's `cancel()`. Where that no longer holds,
+replies still stream but a cancel waits for the reply's end: setup and the first prediction say so,
+and tests/test_streaming.py fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import importlib.metadata
+import logging
+import threading
+from contextlib import aclosing
+from queue import SimpleQueue
+from collections.abc import AsyncIterator, Iterator
+
+log = logging.getLogger("notus")
+
+CHECKED_COGLET = "0.23.1"
+_SUBMITTED_AS = "_ctx_wrapper"  # the coroutine coglet wraps each async prediction in
+
+_submit = asyncio.run_coroutine_threadsafe  # the original: our own steps never go through the hook
+_END = object()
+
+
+class _Cancel:
+    """One prediction's cancel: it cancels the task pumping its pieces, or stops it from starting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cancelled = False
+        self._pumping: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
+
+    def cancel(self) -> None:  # on any thread
+        with self._lock:
+            self.cancelled = True
+            pumping = self._pumping
+        if pumping is not None:
+            loop, task = pumping
+            loop.call_soon_threadsafe(task.cancel)
+
+    def start_pumping(self) -> bool:  # on the event loop, in the pumping task
+        with self._lock:
+            if not self.cancelled:
+                self._pumping = (asyncio.get_running_loop(), asyncio.current_task())
+            return not self.cancelled
+
+    def stop_pumping(self) -> None:
+        with self._lock:
+            self._pumping = None
+
+
+# Set around coglet's submission of a prediction, so the prediction's coroutine (whose context is
+# copied from the submitting thread) finds the cancel that coglet's future now carries.
+_current_cancel: contextvars.ContextVar[_Cancel | None] = contextvars.ContextVar("notus_cancel", default=None)
+
+
+def _hooked_submit(coro, loop):
+    """asyncio.run_coroutine_threadsafe, which also gives a coglet prediction's future a cancel that
+    reaches its stream (the future itself is done once predict has returned the generator)."""
+    if getattr(coro, "__name__", None) != _SUBMITTED_AS:
+        return _submit(coro, loop)
+    cancel = _Cancel()
+    token = _current_cancel.set(cancel)
+    try:
+        future = _submit(coro, loop)
+    finally:
+        _current_cancel.reset(token)
+    cancel_future = future.cancel
+
+    def cancel_both() -> bool:
+        cancel.cancel()
+        return cancel_future()
+
+    future.cancel = cancel_both
+    return future
+
+
+def install() -> str:
+    """Hooks coglet's submission of predictions (idempotent); returns a line for setup's log."""
+    asyncio.run_coroutine_threadsafe = _hooked_submit
+    try:
+        version = importlib.metadata.version("coglet")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version == CHECKED_COGLET:
+        return (f"coglet {version}: replies stream piece by piece; a cancel or a client gone stops "
+                "generation within a step")
+    return (f"coglet {version or 'not installed'}, not the {CHECKED_COGLET} that notus/coglet_stream.py was "
+            "checked against: replies stream, but a cancel may not stop generation before the reply ends "
+            "(the first prediction will say)")
+
+
+_warned = False
+
+
+def stream(pieces: AsyncIterator[str]) -> Iterator[str]:
+    """A generator of `pieces`, for coglet to iterate on the prediction's thread. Call it inside
+    `async def predict` (it takes that coroutine's loop and context) and return what it gives."""
+    global _warned
+    cancel = _current_cancel.get()
+    if cancel is None and not _warned:
+        _warned = True
+        log.warning("this prediction was not submitted the way coglet %s does it: a cancel or a client gone "
+                    "will not stop generation before the reply ends (notus/coglet_stream.py)", CHECKED_COGLET)
+    return _pull(pieces, asyncio.get_running_loop(), contextvars.copy_context(), cancel or _Cancel())
+
+
+def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: contextvars.Context,
+          cancel: _Cancel) -> Iterator[str]:
+    if asyncio._get_running_loop() is loop:  # we wait for the loop: on its own thread, that is forever
+        raise RuntimeError("iterate this generator on another thread than its event loop's, as coglet does")
+    queue: SimpleQueue = SimpleQueue()
+    # Started by the first next(): nothing is generated for a prediction coglet never iterates. It runs
+    # in a copy of the prediction's context (coglet routes logs and metrics by it) and never waits for
+    # this thread, so a slow reader costs no engine time; one wake-up here hands over what is ready.
+    pumping = context.run(_submit, _pump(pieces, queue, cancel), loop)
+    try:
+        while True:
+            item = queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            if cancel.cancelled:
+                raise asyncio.CancelledError()  # what coglet reports as `canceled`
+            yield item
+    finally:
+        # Left early (a cancel, an error, coglet stopped iterating): the engine's request ends, and its
+        # metrics are recorded, before coglet ends the prediction. A no-op once the pump has ended.
+        cancel.cancel()
+        concurrent.futures.wait([pumping])
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> None:
+    try:
+        if not cancel.start_pumping():
+            raise asyncio.CancelledError()
+        async with aclosing(pieces):
+            async for piece in pieces:
+                queue.put(piece)
+        queue.put(_END)
+    except BaseException as error:  # the reader raises it; asyncio.CancelledError is coglet's `canceled`
+        queue.put(_Raised(error))
+    finally:
+        cancel.stop_pumping()

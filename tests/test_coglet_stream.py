@@ -1,0 +1,190 @@
+"""notus/coglet_stream.py against what coglet 0.23.1 does with an async predict, in-process.
+
+`Coglet` below is that protocol in a few lines of Python, as coglet's source does it
+(crates/coglet-python/src/predictor.rs, worker_bridge.rs): its event loop on a thread of its own,
+predict's coroutine wrapped in `_ctx_wrapper` (which sets the prediction's log route) and submitted
+with `asyncio.run_coroutine_threadsafe`, the returned generator iterated on the prediction's own
+thread, a cancel as `cancel()` on the submitted future. tests/test_streaming.py checks the same
+through the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+
+import pytest
+
+from notus import coglet_stream
+
+LOG_ROUTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("prediction_id", default=None)
+
+
+async def _ctx_wrapper(coro, prediction_id):  # noqa: PT019 (coglet's name: the hook looks for it)
+    token = LOG_ROUTE.set(prediction_id)
+    try:
+        return await coro
+    finally:
+        LOG_ROUTE.reset(token)
+
+
+class Coglet:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def submit(self, predict, prediction_id="p1"):
+        """The future coglet keeps for the prediction (looked up on the asyncio module, as coglet does)."""
+        return asyncio.run_coroutine_threadsafe(_ctx_wrapper(predict, prediction_id), self.loop)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Source:
+    """The engine's side: an async stream of pieces that records what happened to it."""
+
+    def __init__(self, pieces=10, every=0.02, fail_at=None):
+        self.n, self.every, self.fail_at = pieces, every, fail_at
+        self.started, self.closed = threading.Event(), threading.Event()
+        self.made: list[float] = []
+        self.routes: list[str | None] = []
+
+    async def pieces(self):
+        self.started.set()
+        try:
+            for i in range(self.n):
+                await asyncio.sleep(self.every)
+                if i == self.fail_at:
+                    raise ValueError("the engine failed")
+                self.made.append(time.monotonic())
+                self.routes.append(LOG_ROUTE.get())
+                yield f"{i} "
+        finally:
+            self.closed.set()
+
+
+async def predict(source: Source):
+    """As predict.py does it: a coroutine that returns the generator."""
+    return coglet_stream.stream(source.pieces())
+
+
+@pytest.fixture
+def coglet(monkeypatch):
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", asyncio.run_coroutine_threadsafe)  # restored after
+    coglet_stream.install()
+    coglet = Coglet()
+    yield coglet
+    coglet.close()
+
+
+def test_each_piece_arrives_as_it_is_made_in_the_predictions_context(coglet):
+    source = Source(pieces=10, every=0.03)
+    pieces, arrived = [], []
+    for piece in coglet.submit(predict(source), "pred-7").result(5):
+        pieces.append(piece)
+        arrived.append(time.monotonic())
+    assert pieces == [f"{i} " for i in range(10)]
+    assert max(a - m for a, m in zip(arrived, source.made)) < 0.02  # each as made, not all at the end
+    assert arrived[-1] - arrived[0] > 0.2
+    assert source.routes == ["pred-7"] * 10  # coglet routes the logs of every piece's work to its prediction
+
+
+def test_nothing_is_generated_before_coglet_iterates(coglet):
+    source = Source()
+    generator = coglet.submit(predict(source)).result(5)
+    time.sleep(0.2)
+    assert not source.started.is_set()
+    del generator  # coglet never iterated it (its cancel landed in between): still nothing
+    time.sleep(0.1)
+    assert not source.started.is_set()
+
+
+def test_coglets_cancel_mid_stream_stops_the_source_before_the_prediction_ends(coglet):
+    source = Source(pieces=1000, every=0.01)
+    future = coglet.submit(predict(source))
+    generator = future.result(5)
+    got = [next(generator) for _ in range(3)]
+    t0 = time.monotonic()
+    future.cancel()  # done since predict returned: only the hook reaches the stream
+    with pytest.raises(asyncio.CancelledError):  # what coglet reports as `canceled`
+        list(generator)
+    assert source.closed.is_set()  # stopped (and its metrics recorded) before coglet ends the prediction
+    assert time.monotonic() - t0 < 0.5
+    assert got == ["0 ", "1 ", "2 "] and len(source.made) < 100
+
+
+def test_a_cancel_before_the_first_piece_generates_nothing(coglet):
+    source = Source()
+    future = coglet.submit(predict(source))
+    generator = future.result(5)
+    future.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        next(generator)
+    assert not source.made
+
+
+def test_a_cancel_while_predict_runs_still_works(coglet):
+    started = threading.Event()
+
+    async def slow_predict():
+        started.set()
+        await asyncio.sleep(10)
+
+    future = coglet.submit(slow_predict())
+    started.wait(5)
+    assert future.cancel()  # coglet's own cancel of the coroutine, unchanged by the hook
+    assert future.cancelled()
+
+
+def test_closing_the_generator_stops_the_source(coglet):
+    source = Source(pieces=1000, every=0.01)
+    generator = coglet.submit(predict(source)).result(5)
+    assert [next(generator) for _ in range(2)] == ["0 ", "1 "]
+    generator.close()  # coglet stopped iterating (an error sending output, the worker shutting down)
+    assert source.closed.is_set() and len(source.made) < 100
+
+
+def test_an_error_of_the_source_fails_the_prediction_with_its_message(coglet):
+    source = Source(pieces=10, fail_at=3)
+    generator = coglet.submit(predict(source)).result(5)
+    with pytest.raises(ValueError, match="the engine failed"):
+        list(generator)
+    assert source.closed.is_set()
+
+
+def test_other_coroutines_are_submitted_untouched(coglet):
+    async def other():
+        return 1
+
+    future = asyncio.run_coroutine_threadsafe(other(), coglet.loop)
+    assert future.result(5) == 1 and "cancel" not in vars(future)
+
+
+def test_iterating_on_the_event_loops_own_thread_is_refused_not_a_deadlock(coglet):
+    source = Source()
+
+    async def on_the_loop():
+        generator = await predict(source)
+        with pytest.raises(RuntimeError, match="another thread"):
+            next(generator)
+        return True
+
+    assert coglet.submit(on_the_loop()).result(5)
+
+
+def test_without_the_hook_replies_still_stream_and_it_says_a_cancel_cannot_reach_them(monkeypatch, caplog):
+    monkeypatch.setattr(coglet_stream, "_warned", False)
+    coglet = Coglet()
+    try:
+        source = Source(pieces=3)
+        # Not submitted the way coglet 0.23.1 does it (another runtime, or a coglet that changed).
+        generator = asyncio.run_coroutine_threadsafe(predict(source), coglet.loop).result(5)
+        assert list(generator) == ["0 ", "1 ", "2 "]
+    finally:
+        coglet.close()
+    assert "a cancel or a client gone will not stop generation" in caplog.text
