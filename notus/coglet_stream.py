@@ -26,17 +26,25 @@ import contextvars
 import importlib.metadata
 import logging
 import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from queue import SimpleQueue
-from collections.abc import AsyncIterator, Iterator
 
 log = logging.getLogger("notus")
 
 CHECKED_COGLET = "0.23.1"
 _SUBMITTED_AS = "_ctx_wrapper"  # the coroutine coglet wraps each async prediction in
 
-_submit = asyncio.run_coroutine_threadsafe  # the original: our own steps never go through the hook
-_END = object()
+_submit = asyncio.run_coroutine_threadsafe  # the original: our own pumps never go through the hook
+_END = object()  # the reply has ended
+
+
+class _Raised:
+    """What the engine's stream raised, for the reader to raise (asyncio.CancelledError: `canceled`)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class _Cancel:
@@ -49,6 +57,8 @@ class _Cancel:
 
     def cancel(self) -> None:  # on any thread
         with self._lock:
+            if self.cancelled:  # once: a second cancel would cut short the pump's wait for the engine
+                return
             self.cancelled = True
             pumping = self._pumping
         if pumping is not None:
@@ -82,11 +92,12 @@ def _hooked_submit(coro, loop):
         future = _submit(coro, loop)
     finally:
         _current_cancel.reset(token)
-    cancel_future = future.cancel
+    cancel_future = weakref.WeakMethod(future.cancel)  # not a cycle: the future holds our generator
 
     def cancel_both() -> bool:
         cancel.cancel()
-        return cancel_future()
+        cancel_future_now = cancel_future()
+        return cancel_future_now is not None and cancel_future_now()
 
     future.cancel = cancel_both
     return future
@@ -126,6 +137,7 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
           cancel: _Cancel) -> Iterator[str]:
     if asyncio._get_running_loop() is loop:  # we wait for the loop: on its own thread, that is forever
         raise RuntimeError("iterate this generator on another thread than its event loop's, as coglet does")
+    reader = threading.get_ident()  # coglet's thread for this prediction
     queue: SimpleQueue = SimpleQueue()
     # Started by the first next(): nothing is generated for a prediction coglet never iterates. It runs
     # in a copy of the prediction's context (coglet routes logs and metrics by it) and never waits for
@@ -145,12 +157,8 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
         # Left early (a cancel, an error, coglet stopped iterating): the engine's request ends, and its
         # metrics are recorded, before coglet ends the prediction. A no-op once the pump has ended.
         cancel.cancel()
-        concurrent.futures.wait([pumping])
-
-
-class _Raised:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+        if threading.get_ident() == reader:  # not when the garbage collector closes it on another thread:
+            concurrent.futures.wait([pumping])  # the loop's or the engine's, which the pump waits for
 
 
 async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> None:
@@ -161,7 +169,7 @@ async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel)
             async for piece in pieces:
                 queue.put(piece)
         queue.put(_END)
-    except BaseException as error:  # the reader raises it; asyncio.CancelledError is coglet's `canceled`
+    except BaseException as error:
         queue.put(_Raised(error))
     finally:
         cancel.stop_pumping()

@@ -7,8 +7,8 @@
     python scripts/benchmark_server.py --weights weights/            # GPU: the real checkpoint
 
 For each N of --clients (default 1 8 32), N clients at once, each sending one prediction as callers
-of the HTTP API would, twice: streamed over SSE (Accept: text/event-stream), then as plain JSON (the
-sync answer). Each has a prompt of --prompt-tokens tokens (chat template included), exactly
+of the HTTP API would, streamed over SSE (Accept: text/event-stream) or answered as plain JSON (the
+sync answer): two rounds of each, in the order SSE, JSON, JSON, SSE. Each has a prompt of --prompt-tokens tokens (chat template included), exactly
 --new-tokens new tokens (min_tokens = max_tokens), sampled at temperature 0.7 / top_p 0.95 / top_k 50
 with a seed of its own. Reported per N and mode: aggregate output tokens/s (every token over the time
 from the requests to the last answer's end), per-stream tokens/s (median, from the predictions' own
@@ -105,8 +105,8 @@ def predict_one(url: str, inputs: dict, sse: bool, start: threading.Barrier | No
     }
 
 
-def run_clients(url: str, n: int, prompt: str, new_tokens: int, sse: bool) -> dict:
-    """n clients at once, one prediction each."""
+def one_round(url: str, n: int, prompt: str, new_tokens: int, sse: bool) -> tuple[list[dict], float]:
+    """n clients at once, one prediction each: their results, and the seconds until the last ended."""
     start = threading.Barrier(n + 1)
     results: list[dict] = [{} for _ in range(n)]
 
@@ -125,15 +125,30 @@ def run_clients(url: str, n: int, prompt: str, new_tokens: int, sse: bool) -> di
     failed = [r for r in results if r["status"] != "succeeded"]
     if failed:
         raise SystemExit(f"{len(failed)} of {n} predictions did not succeed, e.g. {failed[0]}")
-    tokens = sum(r["metrics"]["output_token_count"] for r in results)
-    assert tokens == n * new_tokens, "a stream ended early"
+    assert sum(r["metrics"]["output_token_count"] for r in results) == n * new_tokens, "a stream ended early"
+    return results, max(r["end"] for r in results) - t0
+
+
+def run_clients(url: str, n: int, prompt: str, new_tokens: int) -> list[dict]:
+    """n clients at once, over SSE and as JSON, two rounds each in the order SSE, JSON, JSON, SSE (a
+    drift of the machine's speed during the run weighs on both modes alike): one summary per mode."""
+    rounds = {True: [], False: []}
+    for sse in (True, False, False, True):
+        rounds[sse].append(one_round(url, n, prompt, new_tokens, sse))
+    return [summary(n, new_tokens, sse, rounds[sse]) for sse in (True, False)]
+
+
+def summary(n: int, new_tokens: int, sse: bool, rounds: list[tuple[list[dict], float]]) -> dict:
+    results = [r for round_results, _ in rounds for r in round_results]
+    wall = sum(seconds for _, seconds in rounds)
     metric_ttfts = [r["metrics"]["time_to_first_token"] for r in results]
     run = {
         "clients": n,
         "mode": "sse" if sse else "json",
+        "rounds": len(rounds),
         "new_tokens_each": new_tokens,
-        "wall_seconds": max(r["end"] for r in results) - t0,
-        "aggregate_tokens_per_second": tokens / (max(r["end"] for r in results) - t0),
+        "wall_seconds": wall,
+        "aggregate_tokens_per_second": len(results) * new_tokens / wall,
         "per_stream_tokens_per_second_median": statistics.median(r["metrics"]["tokens_per_second"] for r in results),
         # The prediction's own time_to_first_token metric: from predict's call to the engine's first token.
         "metric_ttft_p50_s": percentile(metric_ttfts, 0.5),
@@ -190,10 +205,10 @@ def main() -> None:
     server, setup_seconds, health = boot(weights)
     try:
         setup_logs = health["setup"]["logs"]
-        run_clients(server.url, max(args.clients), prompt, 4, sse=True)  # warm-up: every batch size, briefly
+        one_round(server.url, max(args.clients), prompt, 4, sse=True)  # warm-up: every batch size, briefly
         runs = []
         for n in args.clients:
-            streamed, answered = (run_clients(server.url, n, prompt, args.new_tokens, sse=mode) for mode in (True, False))
+            streamed, answered = run_clients(server.url, n, prompt, args.new_tokens)
             streamed["sse_over_json"] = streamed["aggregate_tokens_per_second"] / answered["aggregate_tokens_per_second"]
             runs += [streamed, answered]
         for run in runs:
