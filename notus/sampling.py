@@ -150,8 +150,17 @@ def gumbel_noise(seed: torch.Tensor, index: torch.Tensor, token_ids: torch.Tenso
     No generator state, and keyed by token id, not by rank, so ties in the scores cannot reorder it.
     """
     row = _mix32(_mix32(seed & _M32) ^ (index & _M32))[:, None]
-    bits = _mix32(_mix32((row + token_ids * 0x9E3779B1) & _M32) ^ row)
-    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # 24 random bits, strictly inside (0, 1)
+    return gumbel_of_bits(_mix32(_mix32((row + token_ids * 0x9E3779B1) & _M32) ^ row))
+
+
+def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from 32 random bits, finite for every one of their values (a test tries all).
+
+    The top 23 bits b give uniform = (b + 0.5) / 2^23, exact in float32 (b + 0.5 needs 24 bits), so it
+    lies in [2^-24, 1 - 2^-24] and both logs stay finite. With 24 bits the largest, 2^24 - 0.5, rounds to
+    2^24: uniform 1.0, noise +inf, and a token top_k/top_p had removed (-inf + inf = NaN) was drawn.
+    """
+    uniform = ((bits >> 9).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
 
 

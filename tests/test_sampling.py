@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler, top_k
+from notus.sampling import RowSettings, Sampler, gumbel_noise, gumbel_of_bits, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
@@ -134,3 +134,26 @@ def test_two_pass_top_k_equals_topk(k):
     assert torch.equal(values, expected_values)
     assert torch.equal(tokens, expected_tokens)
     assert torch.equal(scores.gather(1, tokens), values)
+
+
+def test_the_noise_is_finite_for_every_value_of_its_random_bits():
+    # gumbel_of_bits reads the top 23 of the hash's 32 bits: each of their 2^23 values, with the 9
+    # bits it drops all clear and all set.
+    top = torch.arange(2**23, dtype=torch.long) << 9
+    for dropped in (0, 2**9 - 1):
+        noise = gumbel_of_bits(top | dropped)
+        assert torch.isfinite(noise).all()
+    assert noise.min() > -3 and noise.max() < 17  # Gumbel's range at this resolution
+
+
+def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
+    """The draw that picked a removed token with 24-bit noise (its noise was +inf: -inf + inf is NaN,
+    which argmax takes): seed 1, token index 829, token 28884. The GPU's shape, every candidate
+    sorted, so noise is drawn for all 32,000 tokens."""
+    assert torch.isfinite(gumbel_noise(torch.tensor([1]), torch.tensor([829]), torch.tensor([[28884]]))).all()
+    sampler = Sampler(1, VOCAB, EOS, CPU)
+    sampler.start(0, RowSettings(temperature=0.7, top_k=50, top_p=0.95, seed=1), torch.tensor([1]))
+    sampler.generated[0] = 829
+    logits = torch.linspace(10.0, -50.0, VOCAB)[None, :].clone()  # token t is the (t+1)-th best
+    token = sampler.sample(logits, torch.tensor([0]), penalties=False).item()
+    assert token < 50
