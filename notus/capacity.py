@@ -9,11 +9,11 @@ prediction a KV-cache slot, so all of them decode in the same step. A slot holds
 The default, worked out for the A40 (48 GB) Replicate runs this on:
   46,068 MiB (what CUDA reports) - 0.5 GiB CUDA context - 13.5 GiB of bf16 weights
   - RESERVE (4 GiB: a 2,048-token prefill chunk's activations, the CUDA graphs, allocator slack)
-  = about 27 GiB: room for 54 slots.
-N = 32 of them (16 GiB): more streams add aggregate throughput but each step also reads every
-stream's cache, so each stream slows down; at 32 streams of 1,000 tokens an A40 step reads about
+  = about 27 GiB: room for 54 slots, one of them the cache's scratch slot (notus/forward.py): 53.
+N = 32 of them (16.5 GiB with the scratch slot): more streams add aggregate throughput but each step
+also reads every stream's cache, so each stream slows down; at 32 streams of 1,000 tokens an A40 step reads about
 18.8 GB (14.5 weights + 4.3 cache) against 14.5 for one stream, each stream keeping ~3/4 of its
-solo speed, and the 11 GiB left over keeps long prompts safe. Replicate's cog-vllm also admits 32.
+solo speed, and the 10.5 GiB left over keeps long prompts safe. Replicate's cog-vllm also admits 32.
 
 If fewer slots fit than Cog admits (a smaller GPU, or COG_MAX_CONCURRENCY raised), the engine
 takes what fits and the other predictions wait in order for a free slot: slower, never refused.
@@ -61,17 +61,19 @@ def kv_budget_bytes(device: torch.device) -> int | None:
 
 
 def plan_slots(admitted: int, per_slot: int, budget: int | None) -> int:
-    """KV-cache slots for `admitted` predictions at once: one each, or as many as `budget` holds. Logs the plan."""
-    fit = admitted if budget is None else budget // per_slot
+    """KV-cache slots for `admitted` predictions at once: one each, or as many as `budget` holds beside
+    the scratch slot the cache also allocates (padding rows of a batch bucket write there). Logs the plan."""
+    fit = admitted if budget is None else budget // per_slot - 1
     if fit < 1:
         raise RuntimeError(
-            f"no room for even one KV-cache slot ({per_slot / 2**20:,.0f} MiB): {budget / 2**30:.2f} GiB "
+            f"no room for even one KV-cache slot and the scratch slot ({per_slot / 2**20:,.0f} MiB each): "
+            f"{budget / 2**30:.2f} GiB "
             f"available for it. Free GPU memory, or set {KV_BUDGET_ENV} to what may be used."
         )
     slots = min(admitted, fit)
     room = "" if budget is None else f"; {budget / 2**30:.1f} GiB available, room for {fit}"
     log.info("%d predictions at once (COG_MAX_CONCURRENCY=%d): %d KV-cache slots of %.0f MiB, %.2f GiB reserved%s",
-             admitted, admitted, slots, per_slot / 2**20, slots * per_slot / 2**30, room)
+             admitted, admitted, slots, per_slot / 2**20, (slots + 1) * per_slot / 2**30, room)
     if slots < admitted:
         log.warning("only %d of %d admitted predictions fit the KV cache: the others wait in order for a free slot",
                     slots, admitted)

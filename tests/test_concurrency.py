@@ -98,8 +98,8 @@ def test_back_to_back_sequential_predictions_never_meet_409(server):
 
 
 def test_more_predictions_than_kv_cache_slots_wait_in_order_and_succeed(tiny_weights, tmp_path):
-    # Room for 2 slots of the tiny model's 2 MiB: Cog admits 6, the engine decodes 2 at a time.
-    server = Server(tiny_weights, tmp_path / "server.log", env={"COG_MAX_CONCURRENCY": "6", "NOTUS_KV_CACHE_GIB": "0.004"})
+    # Room for 2 slots of the tiny model's 2 MiB and the scratch slot: Cog admits 6, the engine decodes 2 at a time.
+    server = Server(tiny_weights, tmp_path / "server.log", env={"COG_MAX_CONCURRENCY": "6", "NOTUS_KV_CACHE_GIB": "0.006"})
     try:
         logs = server.health()["setup"]["logs"]
         assert "6 predictions at once (COG_MAX_CONCURRENCY=6): 2 KV-cache slots of 2 MiB" in logs

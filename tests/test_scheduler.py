@@ -84,15 +84,18 @@ def test_the_gpu_step_shapes_give_the_same_tokens_as_the_cpu_shortcuts(engine):
     rows (masked), every candidate sorted, penalties always applied. Run on the CPU (uncaptured), it
     must agree with the CPU's shortcuts (each row's own length, top-k only, penalties skipped),
     greedy and seeded."""
+    # Both built here: on a GPU the session's engine is itself graph-shaped.
     graph_shaped = Engine(engine.model, engine.prompt, cuda_graphs=True)
+    shortcuts = Engine(engine.model, engine.prompt, cuda_graphs=False)
     try:
-        assert graph_shaped.scheduler.cuda_graphs and not engine.scheduler.cuda_graphs
+        assert graph_shaped.scheduler.cuda_graphs and not shortcuts.scheduler.cuda_graphs
         cases = [(long_prompt(engine, n), dict(max_tokens=20, **settings), 100 + i)
                  for i, (n, settings) in enumerate(zip([3, 700, 4090, CHUNK + 5, 40, 300, 5000, 9], SAMPLED))]
-        shortcut = concurrently(lambda case: ids_of(engine, case[0], case[2], **case[1]), cases)
-        assert concurrently(lambda case: ids_of(graph_shaped, case[0], case[2], **case[1]), cases) == shortcut
+        expected = concurrently(lambda case: ids_of(shortcuts, case[0], case[2], **case[1]), cases)
+        assert concurrently(lambda case: ids_of(graph_shaped, case[0], case[2], **case[1]), cases) == expected
     finally:
         graph_shaped.scheduler.close()
+        shortcuts.scheduler.close()
 
 
 def test_cancelling_one_of_8_leaves_the_other_7_token_for_token_unchanged(engine):

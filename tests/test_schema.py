@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, Server
-from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, budget_from_free
+from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, budget_from_free, plan_slots
 from notus.forward import KVCache
 from notus.schema import declared_concurrency, declares_streaming
 
@@ -143,8 +143,22 @@ def test_the_image_admits_the_default_concurrency_and_it_fits_an_a40():
     with torch.device("meta"):  # notus's exact architecture, no memory: its bf16 weights' size
         weights = sum(p.numel() * 2 for p in AutoModelForCausalLM.from_config(config).parameters())
     assert 14.4e9 < weights < 14.6e9
-    fit = budget_from_free(A40_MEMORY - CUDA_CONTEXT - weights) // per_slot
+    fit = budget_from_free(A40_MEMORY - CUDA_CONTEXT - weights) // per_slot - 1  # less the scratch slot
     assert DEFAULT_CONCURRENCY <= fit < 2 * DEFAULT_CONCURRENCY  # fits, without leaving most of the card idle
     result = subprocess.run([sys.executable, "-m", "notus.schema", "--concurrency"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == str(DEFAULT_CONCURRENCY)  # what scripts/serve exports
+
+
+def test_the_slot_plan_counts_the_scratch_slot_the_cache_allocates():
+    """KVCache allocates one slot more than the plan's (padding rows write to it): a budget of
+    exactly 33 slots' bytes holds 32, and the reserve logged is what the cache takes."""
+    per_slot = 512 * 2**20
+    assert plan_slots(32, per_slot, 33 * per_slot) == 32
+    assert plan_slots(32, per_slot, 33 * per_slot - 1) == 31
+    with pytest.raises(RuntimeError, match="scratch slot"):
+        plan_slots(1, per_slot, per_slot)
+    cache = KVCache(AutoConfig.from_pretrained(REPO / "weights"), slots=2, device=torch.device("meta"),
+                    dtype=torch.bfloat16)
+    assert sum(t.numel() * t.element_size() for t in (cache.k, cache.v)) == 3 * KVCache.bytes_per_slot(
+        AutoConfig.from_pretrained(REPO / "weights"), torch.bfloat16)

@@ -69,7 +69,7 @@ def two_slot_server(tiny_weights, tmp_path_factory):
     """Cog admits 4 predictions, the KV cache holds 2: a third waits in the engine for a slot, so its
     wait shows when a cancelled prediction's slot was freed."""
     server = Server(tiny_weights, tmp_path_factory.mktemp("two-slots") / "server.log",
-                    env={"COG_MAX_CONCURRENCY": "4", "NOTUS_KV_CACHE_GIB": "0.004"})
+                    env={"COG_MAX_CONCURRENCY": "4", "NOTUS_KV_CACHE_GIB": "0.006"})
     yield server
     server.stop()
 
