@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU issue's runs, one step per device call, each well inside the 10-minute limit of a call.
 # First, here: scripts/gpu_wheels.sh. Then, through the device tool, with carry [".whl"]:
-#   bash scripts/gpu_check.sh tests    # the test suite on CUDA (tiny model, float32), greedy parity (exact
-#                                      # size, bf16)
+#   bash scripts/gpu_check.sh tests    # the test suite on CUDA (tiny model, float32), greedy parity and
+#                                      # teacher-forced logit parity (exact size, bf16)
 #   bash scripts/gpu_check.sh decode   # scripts/benchmark.py --streams 1 8 32 (exact size, random bf16)
 #   bash scripts/gpu_check.sh serve    # a random checkpoint on disk: cold load, the server (1/8/32
 #                                      # clients, 100 back to back), then a second boot: its setup
@@ -31,7 +31,9 @@ case "${1:-}" in
     # ties; greedy parity then checks bf16 on notus's exact size, with generate's margin where they differ.
     NOTUS_DEVICE=cuda NOTUS_DTYPE=float32 timeout 330 python3 -m pytest -q -p no:cacheprovider -rfEs 2>&1 \
       | tee "$OUT/tests.log" | tail -40
-    timeout 180 python3 scripts/greedy_parity.py --out "$OUT"
+    timeout 150 python3 scripts/greedy_parity.py --out "$OUT"
+    # Teacher-forced logits against transformers' forward in bf16 (prefill, decode, the graphs' masked shape).
+    timeout 90 python3 scripts/logit_parity.py --out "$OUT"
     # Which fused attention kernels SDPA may use for notus's shapes in notus/forward.py (a False
     # everywhere means the math kernel: the scores materialised).
     python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.txt"

@@ -268,3 +268,18 @@ def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_
         torch.testing.assert_close(batched, engine.model.lm_head(x))
         for row in (0, 3, 7):  # a row's logits do not depend on what runs beside it
             assert torch.equal(forward.lm_head(x[row : row + 1]), batched[row : row + 1])
+
+
+def test_logit_parity_script_finds_the_engines_logits_equal_transformers_in_float32(tmp_path):
+    """scripts/logit_parity.py, the GPU issue's teacher-forced check, on the CPU: prefill chunks and
+    decode steps (each row's own length and the graphs' masked bucket) over 5,000 positions."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "logit_parity.py"), "--tiny", "--device", "cpu",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    (report_file,) = tmp_path.glob("logits-cpu-*.json")
+    report = json.loads(report_file.read_text())
+    assert report["passed"] and report["bound"] == 1e-3
+    paths = {r["path"] for r in report["rows"]}
+    assert paths == {"prefill", "decode", "decode, masked bucket"}
+    assert all(r["relative"] < 1e-4 and r["argmax_differs"] == 0 for r in report["rows"]), report["rows"]
+    across = [r for r in report["rows"] if r["range"] == "across the window"]
+    assert across and all(r["positions"] == [4040, 4159] for r in across)
