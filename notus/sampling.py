@@ -58,13 +58,14 @@ class Sampler:
         self.seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)  # prompt + reply
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
-        """A new request in `slot`. Host-to-device writes only: nothing waits for the GPU."""
+        """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
+        would first make each value a host tensor and copy it over (a synchronising copy on the GPU)."""
         for setting in fields(RowSettings):  # one per-slot tensor of the same name each
-            getattr(self, setting.name)[slot] = getattr(settings, setting.name)
-        self.generated[slot] = 0
-        self.counts[slot] = 0
-        self.seen[slot] = False
-        self.seen[slot, prompt_ids] = True
+            getattr(self, setting.name)[slot].fill_(getattr(settings, setting.name))
+        self.generated[slot].zero_()
+        self.counts[slot].zero_()
+        self.seen[slot].fill_(False)
+        self.seen[slot].index_fill_(0, prompt_ids, True)
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, active: torch.Tensor | None = None,
                candidates: int | None = None, penalties: bool = True) -> torch.Tensor:

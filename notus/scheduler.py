@@ -194,9 +194,9 @@ class Scheduler:
         self.sampler.start(slot, request.settings, prompt)
         first = self.sampler.sample(logits, self.rows[slot : slot + 1], **self._shortcuts([request]))
         self.tokens[slot : slot + 1] = first
-        self.positions[slot] = len(request.input_ids)
+        self.positions[slot].fill_(len(request.input_ids))  # fills, not `[slot] = n`: no host tensor copied
         request.sampled = 1
-        self.active[slot] = request.sampled < request.max_tokens
+        self.active[slot].fill_(request.sampled < request.max_tokens)
         self._prefilling.remove(request)
         self._decoding.append(request)
         self._queue_read(first, [(request, 0)])
@@ -225,7 +225,7 @@ class Scheduler:
         for r in rows:
             r.sampled += 1
             if r.sampled == r.max_tokens:
-                self.active[r.slot] = False  # its last token is sampled; it only waits to be read
+                self.active[r.slot].fill_(False)  # its last token is sampled; it only waits to be read
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
 
@@ -289,7 +289,7 @@ class Scheduler:
             if request in line:
                 line.remove(request)
         if request.slot is not None:
-            self.active[request.slot] = False
+            self.active[request.slot].fill_(False)
             bisect.insort(self._free, request.slot)
             request.slot = None
         request.tokens.append(None)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aio import concurrently, flattened, joined, text
 from notus.engine import Engine, GenerationStats
@@ -283,3 +284,29 @@ def test_logit_parity_script_finds_the_engines_logits_equal_transformers_in_floa
     assert all(r["relative"] < 1e-4 and r["argmax_differs"] == 0 for r in report["rows"]), report["rows"]
     across = [r for r in report["rows"] if r["range"] == "across the window"]
     assert across and all(r["positions"] == [4040, 4159] for r in across)
+
+
+class PythonNumbersMadeTensors(TorchDispatchMode):
+    """Counts Python numbers made into tensors (`lift_fresh` of a 0-dim tensor): one written into a
+    device tensor (`tensor[slot] = value`) is a host-to-device copy that waits for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.lift_fresh.default and out.dim() == 0:
+            self.count += 1
+        return out
+
+
+def test_a_request_from_start_to_end_writes_no_python_number_into_a_device_tensor(engine):
+    counter = PythonNumbersMadeTensors()
+    engine.scheduler.call(counter.__enter__)  # dispatch modes hold per thread: on the engine thread
+    try:
+        tokens = engine_ids(engine, long_prompt(engine, 300), 5, max_tokens=6, min_tokens=6,
+                            **dict(SAMPLED[2], presence_penalty=0.5))
+    finally:
+        engine.scheduler.call(lambda: counter.__exit__(None, None, None))
+    assert len(tokens) == 6 and counter.count == 0
