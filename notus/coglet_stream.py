@@ -53,7 +53,7 @@ class _Cancel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.cancelled = False
-        self._pumping: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
+        self._pumping: asyncio.Task | None = None
 
     def cancel(self) -> None:  # on any thread
         with self._lock:
@@ -62,13 +62,12 @@ class _Cancel:
             self.cancelled = True
             pumping = self._pumping
         if pumping is not None:
-            loop, task = pumping
-            loop.call_soon_threadsafe(task.cancel)
+            pumping.get_loop().call_soon_threadsafe(pumping.cancel)
 
     def start_pumping(self) -> bool:  # on the event loop, in the pumping task
         with self._lock:
             if not self.cancelled:
-                self._pumping = (asyncio.get_running_loop(), asyncio.current_task())
+                self._pumping = asyncio.current_task()
             return not self.cancelled
 
     def stop_pumping(self) -> None:

@@ -109,9 +109,7 @@ class Server:
         too (it waits on each step's event)."""
         t0 = time.monotonic()
         while True:
-            start = self.worker_cpu_seconds()
-            time.sleep(window)
-            if self.worker_cpu_seconds() - start < 0.15 * window:
+            if _cores_busy(self, window) < 0.15:
                 return max(0.0, time.monotonic() - window - t0)
             if time.monotonic() - t0 > within:
                 return None
@@ -221,14 +219,11 @@ class Webhooks:
     """Receives a prediction's webhooks: Cog reports async predictions (PUT, respond-async) only that way."""
 
     def __init__(self):
-        received = self.received = []
         arrivals = self.arrivals = []  # (time.monotonic(), webhook), as each arrived
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                arrivals.append((time.monotonic(), body))
-                received.append(body)
+                arrivals.append((time.monotonic(), json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
                 self.send_response(200)
                 self.end_headers()
 
@@ -238,6 +233,11 @@ class Webhooks:
         self._server = HTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
+
+    @property
+    def received(self) -> list[dict]:
+        """The webhooks, in the order they arrived."""
+        return [webhook for _, webhook in self.arrivals]
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float) -> bool:
         """Whether a webhook matching `predicate` arrived within `timeout` seconds."""
