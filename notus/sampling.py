@@ -6,11 +6,14 @@ frequency_penalty over the reply so far (as OpenAI), EOS held off until min_toke
 (temperature 0) or: temperature, top_k, top_p, and a draw from what is left.
 
 Everything is a tensor op on per-slot state (no host synchronisation, no Python branch on data),
-so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max with noise hashed
-from (the request's seed, its token index, the candidate's token id): a seed gives the same text
-alone or beside 31 other requests, and the draw follows exactly the distribution softmax(processed scores).
-No setting in range can put NaN or inf into it: scores are finite or -inf, temperature divides
-scores shifted to a maximum of 0, and the best candidate is always kept.
+so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max in two levels: a
+block of 256 tokens by its total weight, then a token inside it, with noise hashed from (the
+request's seed, its token index, the block or token id). It follows exactly the distribution
+softmax(processed scores), with noise for 381 numbers a row instead of 32,000; and it is an argmax
+keyed by token id, so the last-bit differences a batch makes in the logits almost never change it:
+a seed gives the same text alone or beside 31 other requests. No setting in range can put NaN or
+inf into it: scores are finite or -inf, temperature divides scores shifted to a maximum of 0, the
+best candidate is always kept, and the noise is finite for every value of its bits.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 
 _M32 = 0xFFFFFFFF
+BLOCK = 256  # tokens per block of the two-level draw: 125 blocks for notus's 32,000
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,47 @@ class RowSettings:
     seed: int = 0
 
 
+@dataclass
+class Distribution:
+    """Rows' processed distributions: their candidate tokens `index` [n, c], best first (equal scores
+    by token id), and the candidates' scores `top` [n, c] over the temperature, shifted to a best of
+    0, -inf where top_k or top_p removed them. Each row's first candidate is its best token."""
+
+    top: torch.Tensor
+    index: torch.Tensor
+    vocab: int
+
+    def draw(self, keys: torch.Tensor) -> torch.Tensor:
+        """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
+
+        Gumbel-max over the blocks' total weights picks a block, then Gumbel-max over its tokens a
+        token: P(block) * P(token | block) = the token's share of the whole. Blocks' noise is keyed by
+        vocab + block number, apart from the tokens'.
+        """
+        (n, c), m = self.top.shape, keys.shape[1]
+        block_of = self.index // BLOCK
+        # Each block's weight, summed in rank order: on the CPU (sequential) the same bits whatever
+        # candidates a batch looks at; on a GPU its atomic adds may differ in the last bit.
+        weight = self.top.new_zeros(n, self.vocab // BLOCK).scatter_add_(1, block_of, self.top.exp()).log()
+        keys = keys[:, :, None]
+        block_ids = self.vocab + torch.arange(weight.shape[1], device=keys.device)
+        block = (weight[:, None, :] + gumbel_noise(keys, block_ids)).argmax(dim=-1, keepdim=True)  # [n, m, 1]
+        if c == self.vocab:  # every token a candidate (the GPU's shape): the block's own tokens
+            scores = torch.empty_like(self.top).scatter_(1, self.index, self.top)  # in token-id order
+            tokens = block * BLOCK + torch.arange(BLOCK, device=keys.device)  # [n, m, BLOCK]
+            inside = scores.gather(1, tokens.flatten(1)).view(tokens.shape)
+        else:  # the best few (the CPU's shape): those in the block
+            tokens = self.index[:, None, :].expand(n, m, c)
+            inside = self.top[:, None, :].masked_fill(block_of[:, None, :] != block, -torch.inf)
+        return tokens.gather(2, (inside + gumbel_noise(keys, tokens)).argmax(dim=-1, keepdim=True))[:, :, 0]
+
+
 class Sampler:
     """Per-slot settings and state on the device, and `sample()` for any rows of slots."""
 
     def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device):
+        if vocab_size % BLOCK:
+            raise ValueError(f"the vocabulary must split into blocks of {BLOCK} tokens, got {vocab_size}")
         self.vocab_size, self.eos_id = vocab_size, eos_id
 
         def per_slot(fill, dtype):
@@ -73,16 +114,17 @@ class Sampler:
         no copy of the vocabulary-wide scores); updates the rows' state.
 
         `active` [n] (bool) marks the rows whose state advances (the others are padding in a batch
-        bucket). The CPU passes what it knows of the rows to skip work: `candidates`, how many of
-        the best tokens top_k/top_p look at (None: all, one shape for CUDA graphs; 1: every row is
-        greedy), and `penalties=False` when no row uses one.
+        bucket). The CPU passes what it knows of the rows to skip work (`shortcuts()`): `candidates`,
+        how many of the best tokens top_k/top_p look at (None: all, one shape for CUDA graphs; 1:
+        every row is greedy), and `penalties=False` when no row uses one.
         """
-        scores = _finite_or_minus_inf(logits.float(), out=logits if logits.dtype == torch.float32 else None)
-        if penalties:
-            scores = self._penalised(scores, slots)
-        early = self.generated[slots] < self.min_tokens[slots]
-        scores[:, self.eos_id] = torch.where(early, -torch.inf, scores[:, self.eos_id])
-        token = scores.argmax(dim=-1) if candidates == 1 else self._draw(scores, slots, candidates)
+        scores = self.scores(logits, slots, penalties)
+        if candidates == 1:
+            token = scores.argmax(dim=-1)
+        else:
+            distribution = self.distribution(scores, slots, candidates)
+            drawn = distribution.draw(draw_key(self.seed[slots], self.generated[slots])[:, None])[:, 0]
+            token = torch.where(self.temperature[slots] > 0, drawn, distribution.index[:, 0])
 
         advance = torch.ones_like(token, dtype=torch.bool) if active is None else active
         self.generated[slots] += advance.long()
@@ -90,22 +132,32 @@ class Sampler:
         self.seen[slots, token] |= advance
         return token
 
-    def _draw(self, scores: torch.Tensor, slots: torch.Tensor, candidates: int | None) -> torch.Tensor:
-        """Greedy rows take the best token; the others draw from softmax(truncated scores / t)."""
-        temperature = self.temperature[slots]
+    def scores(self, logits: torch.Tensor, slots: torch.Tensor, penalties: bool = True) -> torch.Tensor:
+        """The rows' scores after the penalties and the hold on EOS (finite or -inf)."""
+        scores = _finite_or_minus_inf(logits.float(), out=logits if logits.dtype == torch.float32 else None)
+        if penalties:
+            scores = self._penalised(scores, slots)
+        early = self.generated[slots] < self.min_tokens[slots]
+        scores[:, self.eos_id] = torch.where(early, -torch.inf, scores[:, self.eos_id])
+        return scores
+
+    def distribution(self, scores: torch.Tensor, slots: torch.Tensor, candidates: int | None = None) -> Distribution:
+        """Temperature, top_k and top_p applied to `scores`: what the rows draw from.
+
+        The GPU's shape sorts every candidate (`candidates` None); the CPU's looks at the best
+        `candidates` only. Both rank equal scores by token id, so they keep the same tokens.
+        """
         k = candidates or self.vocab_size
         if k < self.vocab_size:
-            top, index = top_k(scores, k)
+            top, index = _ties_by_token_id(*top_k(scores, k))
         else:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
         # Temperature keeps the order, so it applies to the candidates only, shifted to a maximum of 0.
-        safe_t = torch.where(temperature > 0, temperature, 1.0)[:, None]
+        temperature = self.temperature[slots][:, None]
+        safe_t = torch.where(temperature > 0, temperature, 1.0)
         best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)  # a row of only -inf stays -inf, not NaN
         top = (top - best) / safe_t
-        top = top.masked_fill(self._truncated(top, slots), -torch.inf)
-        noise = gumbel_noise(self.seed[slots], self.generated[slots], index)
-        sampled = index.gather(1, (top + noise).argmax(dim=-1, keepdim=True)).squeeze(1)
-        return torch.where(temperature > 0, sampled, index[:, 0])
+        return Distribution(top.masked_fill(self._truncated(top, slots), -torch.inf), index, self.vocab_size)
 
     def _penalised(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         repetition = self.repetition_penalty[slots][:, None]
@@ -128,6 +180,19 @@ class Sampler:
         return removed & (rank > 0)
 
 
+def shortcuts(settings: list[RowSettings]) -> dict:
+    """The work `Sampler.sample` may skip for rows with these settings (the CPU's eager steps)."""
+    sampling = [s for s in settings if s.temperature > 0]
+    if not sampling:
+        candidates = 1
+    elif any(s.top_k == 0 for s in sampling):
+        candidates = None
+    else:
+        candidates = max(s.top_k for s in sampling)
+    penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
+    return {"candidates": candidates, "penalties": penalties}
+
+
 def top_k(scores: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """scores.topk(k) (values and indices, best first), in two cheap passes instead of one costly one.
 
@@ -145,13 +210,26 @@ def top_k(scores: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, 
     return top, best_blocks.gather(1, at // block) * block + at % block
 
 
-def gumbel_noise(seed: torch.Tensor, index: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise for `token_ids` [n, k]: a pure function of (seed, index, token id).
+def _ties_by_token_id(top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk's candidates reordered as a stable sort of the whole row orders them: equal scores by
+    token id, so that top_k keeps the same tokens in either shape."""
+    index, by_id = index.sort(dim=-1)
+    top, by_score = top.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return top, index.gather(1, by_score)
 
-    No generator state, and keyed by token id, not by rank, so ties in the scores cannot reorder it.
+
+def draw_key(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The key of a request's draw for its token `index`: a pure function of (seed, index)."""
+    return _mix32(_mix32(seed & _M32) ^ (index & _M32))
+
+
+def gumbel_noise(key: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for `ids` under `key` (broadcast): a pure function of the two.
+
+    No generator state, and keyed by id, not by rank, so ties in the scores cannot reorder it. The key
+    plus a Weyl sequence over the ids, through a full-avalanche mixer (as SplitMix does).
     """
-    row = _mix32(_mix32(seed & _M32) ^ (index & _M32))[:, None]
-    return gumbel_of_bits(_mix32(_mix32((row + token_ids * 0x9E3779B1) & _M32) ^ row))
+    return gumbel_of_bits(_mix32((key + ids * 0x9E3779B1) & _M32))
 
 
 def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from notus.forward import Forward, KVCache
-from notus.sampling import RowSettings, Sampler
+from notus.sampling import RowSettings, Sampler, shortcuts
 
 log = logging.getLogger("notus")
 
@@ -238,18 +238,7 @@ class Scheduler:
 
     def _shortcuts(self, rows: list[Request]) -> dict:
         """Work the sampler may skip for these rows (none with CUDA graphs: one graph fits all)."""
-        if self.cuda_graphs:
-            return {}
-        settings = [r.settings for r in rows]
-        sampling = [s for s in settings if s.temperature > 0]
-        if not sampling:
-            candidates = 1
-        elif any(s.top_k == 0 for s in sampling):
-            candidates = None
-        else:
-            candidates = max(s.top_k for s in sampling)
-        penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
-        return {"candidates": candidates, "penalties": penalties}
+        return {} if self.cuda_graphs else shortcuts([r.settings for r in rows])
 
     @staticmethod
     def _bucket(buckets, n: int) -> int:

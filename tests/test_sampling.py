@@ -1,4 +1,5 @@
-"""The batched sampler (notus/sampling.py): exactly the processed distribution, penalties as their reference."""
+"""The batched sampler (notus/sampling.py): exactly the processed distribution over notus's whole
+vocabulary, in the GPU's shape and the CPU's, penalties as their reference, seeds independent of the batch."""
 
 from __future__ import annotations
 
@@ -7,67 +8,11 @@ import math
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler, gumbel_noise, gumbel_of_bits, top_k
+from notus.sampling import RowSettings, Sampler, draw_key, gumbel_noise, gumbel_of_bits, shortcuts, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
-
-
-def reference_distribution(logits: torch.Tensor, s: RowSettings) -> torch.Tensor:
-    """The processed distribution, written out plainly: temperature, then top_k, then top_p."""
-    probs = torch.softmax(logits.double() / s.temperature, dim=-1)
-    order = probs.argsort(descending=True).tolist()
-    kept = order[: s.top_k] if s.top_k else order
-    total = sum(probs[i].item() for i in kept)
-    chosen, mass = [], 0.0
-    for i in kept:  # the smallest set of the best tokens whose renormalised mass reaches top_p
-        chosen.append(i)
-        mass += probs[i].item() / total
-        if s.top_p < 1 and mass >= s.top_p:
-            break
-    out = torch.zeros_like(probs)
-    out[chosen] = probs[chosen]
-    return out / out.sum()
-
-
-@pytest.mark.parametrize(
-    "settings",
-    [RowSettings(temperature=1.0), RowSettings(temperature=0.6, top_k=5),
-     RowSettings(temperature=1.4, top_p=0.8), RowSettings(temperature=0.9, top_k=7, top_p=0.9)],
-    ids=["plain", "top_k", "top_p", "both"],
-)
-def test_draws_follow_exactly_the_processed_distribution(settings):
-    # A small vocabulary keeps 20,000 draws fast; the code does not depend on its size. Ten
-    # plausible tokens and a tail, as a language model's logits look.
-    vocab = 64
-    logits = torch.full((vocab,), -4.0)
-    logits[10:20] = torch.tensor([3.0, 2.5, 2.2, 2.0, 1.5, 1.4, 0.9, 0.3, -0.5, -1.0])
-    expected = reference_distribution(logits, settings)
-    rows = 4000
-    sampler = Sampler(rows, vocab, EOS, CPU)
-    for slot in range(rows):
-        sampler.start(slot, RowSettings(**{**settings.__dict__, "seed": slot}), torch.tensor([1]))
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    slots = torch.arange(rows)
-    for _ in range(5):  # 20,000 draws: 4,000 seeds, 5 tokens each
-        tokens = sampler.sample(logits.expand(rows, vocab).clone(), slots)
-        counts += torch.bincount(tokens, minlength=vocab).double()
-    n = counts.sum().item()
-    assert counts[expected == 0].sum() == 0, "drew a token the processing removed"
-    # Pearson's chi-squared: each plausible token a bin, the tail pooled into one.
-    head = torch.zeros(vocab, dtype=torch.bool)
-    head[10:20] = True
-    observed = torch.cat([counts[head], counts[~head].sum()[None]])
-    wanted = n * torch.cat([expected[head], expected[~head].sum()[None]])
-    observed, wanted = observed[wanted > 0], wanted[wanted > 0]
-    assert (wanted >= 5).all()
-    chi2 = ((observed - wanted) ** 2 / wanted).sum().item()
-    dof = len(wanted) - 1
-    # The 0.999 quantile of chi-squared (Wilson-Hilferty): a correct sampler fails 1 run in 1,000,
-    # and these seeds are fixed, so the outcome is the same every run.
-    z = 3.09
-    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-    assert chi2 <= limit, f"chi2 {chi2:.1f} > {limit:.1f} (dof {dof}): {observed.tolist()} vs {wanted.tolist()}"
+DRAWS = 100_000
 
 
 def reference_penalties(logits: list[float], prompt: list[int], reply: list[int], s: RowSettings) -> list[float]:
@@ -80,6 +25,102 @@ def reference_penalties(logits: list[float], prompt: list[int], reply: list[int]
     return out
 
 
+def reference_distribution(scores: torch.Tensor, s: RowSettings) -> torch.Tensor:
+    """The processed distribution, written out plainly in float64: temperature, then top_k, then top_p."""
+    probs = torch.softmax(scores.double() / s.temperature, dim=-1)
+    order = probs.argsort(descending=True, stable=True)
+    p = probs[order]
+    if s.top_k:
+        p[s.top_k :] = 0
+    p = p / p.sum()
+    if s.top_p < 1:  # the smallest set of the best tokens whose renormalised mass reaches top_p
+        p[p.cumsum(0) - p >= s.top_p] = 0
+    out = torch.zeros_like(probs)
+    out[order] = p
+    return out / out.sum()
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor, minimum: float = 10.0) -> tuple[float, int]:
+    """Pearson's statistic and its degrees of freedom, tokens pooled in order of probability into
+    bins of at least `minimum` expected draws (the likely tokens one bin each, the tail in groups)."""
+    bins, observed, wanted = [], 0.0, 0.0
+    for token in expected.argsort(descending=True).tolist():
+        if expected[token] == 0:
+            break
+        observed, wanted = observed + counts[token].item(), wanted + expected[token].item()
+        if wanted >= minimum:
+            bins.append((observed, wanted))
+            observed, wanted = 0.0, 0.0
+    if wanted:  # the last few join the last bin
+        last_observed, last_wanted = bins.pop()
+        bins.append((last_observed + observed, last_wanted + wanted))
+    return sum((o - w) ** 2 / w for o, w in bins), len(bins) - 1
+
+
+def chi_square_limit(dof: int, z: float = 3.72) -> float:
+    """The 0.9999 quantile of chi-squared (Wilson-Hilferty): a correct sampler fails 1 time in 10,000,
+    and every draw here is seeded, so the outcome is the same every run."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def started(rows: int, settings: RowSettings, prompt: list[int], reply: list[int]) -> Sampler:
+    """A sampler whose `rows` slots each hold a request with these settings, prompt and reply so far."""
+    sampler = Sampler(rows, VOCAB, EOS, CPU)
+    for slot in range(rows):
+        sampler.start(slot, settings, torch.tensor(prompt))
+        for token in reply:  # the reply so far, as the sampler would have drawn it
+            sampler.counts[slot, token] += 1
+            sampler.seen[slot, token] = True
+    return sampler
+
+
+# The issue's settings, and the one reported drawing a removed token (0.7, top_k 50, top_p 0.95).
+SETTINGS = {
+    "plain": RowSettings(temperature=1.0),
+    "top_k": RowSettings(temperature=1.0, top_k=50),
+    "top_p": RowSettings(temperature=1.0, top_p=0.9),
+    "cold": RowSettings(temperature=0.3),
+    "hot": RowSettings(temperature=1.5),
+    "penalties": RowSettings(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+    "reported": RowSettings(temperature=0.7, top_k=50, top_p=0.95),
+}
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabulary(name):
+    """10^5 draws over notus's 32,000 tokens, in the GPU's shape (every candidate sorted) and the
+    CPU's (the candidates its eager step looks at): no removed token ever, frequencies as the processed
+    distribution's, and the very tokens `sample()` draws at those token indices."""
+    settings = RowSettings(**{**SETTINGS[name].__dict__, "seed": 7})
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, VOCAB, generator=generator) * 2.5  # a head of likely tokens, a long tail
+    prompt = torch.randint(0, VOCAB, (200,), generator=generator).tolist()
+    reply = torch.randint(0, VOCAB, (100,), generator=generator).tolist()
+    processed = torch.tensor(reference_penalties(logits[0].tolist(), prompt, reply, settings))
+    expected = reference_distribution(processed, settings) * DRAWS
+    keys = draw_key(torch.full((DRAWS,), settings.seed), torch.arange(DRAWS))[None, :]  # token indices 0..DRAWS-1
+
+    drawn = {}
+    for shape, candidates in {"gpu": None, "cpu": shortcuts([settings])["candidates"]}.items():
+        sampler, row = started(1, settings, prompt, reply), torch.tensor([0])
+        distribution = sampler.distribution(sampler.scores(logits.clone(), row), row, candidates)
+        tokens = torch.cat([distribution.draw(chunk)[0] for chunk in keys.split(10_000, dim=1)])
+        counts = torch.bincount(tokens, minlength=VOCAB).double()
+        assert counts[expected == 0].sum() == 0, f"{shape}: drew a token the processing removed"
+        chi2, dof = chi_square(counts, expected)
+        assert chi2 <= chi_square_limit(dof), f"{shape}: chi2 {chi2:.1f} > {chi_square_limit(dof):.1f} ({dof} dof)"
+        drawn[shape] = tokens
+
+        # sample() itself: rows at token indices 0..199, inactive so that their state stays as it is.
+        rows = 200
+        sampler = started(rows, settings, prompt, reply)
+        sampler.generated[:] = torch.arange(rows)
+        inactive = torch.zeros(rows, dtype=torch.bool)
+        sampled = sampler.sample(logits.expand(rows, VOCAB).clone(), torch.arange(rows), inactive, candidates)
+        assert torch.equal(sampled, tokens[:rows]), shape
+    assert torch.equal(drawn["gpu"], drawn["cpu"])
+
+
 @pytest.mark.parametrize(
     "settings",
     [RowSettings(repetition_penalty=1.3), RowSettings(presence_penalty=1.5), RowSettings(frequency_penalty=0.8),
@@ -90,13 +131,9 @@ def test_penalties_equal_a_straightforward_reference(settings):
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 60, (30,), generator=generator).tolist()
     reply = torch.randint(30, 90, (40,), generator=generator).tolist()  # overlaps the prompt, repeats itself
-    sampler = Sampler(2, VOCAB, EOS, CPU)
-    sampler.start(1, settings, torch.tensor(prompt))
-    for token in reply:  # the reply so far, as the sampler would have drawn it
-        sampler.counts[1, token] += 1
-        sampler.seen[1, token] = True
+    sampler = started(2, settings, prompt, reply)
     logits = torch.randn(1, VOCAB, generator=generator) * 4
-    ours = sampler._penalised(logits.clone(), torch.tensor([1]))[0]
+    ours = sampler.scores(logits.clone(), torch.tensor([1]))[0]
     expected = torch.tensor(reference_penalties(logits[0].tolist(), prompt, reply, settings))
     torch.testing.assert_close(ours, expected)
 
@@ -110,7 +147,7 @@ def test_min_tokens_holds_off_eos_then_lets_it_through():
     assert EOS not in drawn[:3] and drawn[3] == EOS
 
 
-def test_noise_depends_only_on_seed_index_and_token():
+def test_draws_depend_only_on_seed_and_token_index():
     sampler = Sampler(3, VOCAB, EOS, CPU)
     for slot, seed in enumerate([5, 5, 6]):
         sampler.start(slot, RowSettings(temperature=1.0, seed=seed), torch.tensor([1]))
@@ -120,13 +157,34 @@ def test_noise_depends_only_on_seed_index_and_token():
     assert any(a != c for a, _, c in tokens)  # another seed, other draws
 
 
+def test_equal_scores_keep_the_same_tokens_whatever_candidates_the_batch_looks_at():
+    """bf16 logits tie often. Where top_p's cut falls inside a group of equal scores, the tokens kept
+    are the group's lowest ids in every shape: the GPU's full sort, and the CPU's top candidates for
+    this row alone or beside a row wanting more; so the draws are the same too."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, VOCAB, generator=generator) - 10
+    best = torch.randperm(VOCAB, generator=generator)[:60]
+    logits[0, best] = 5 - (torch.arange(60) // 5) * 0.25  # twelve groups of five equal scores
+    settings = RowSettings(temperature=1.0, top_k=50, top_p=0.5, seed=3)
+    keys = draw_key(torch.full((2000,), settings.seed), torch.arange(2000))[None, :]
+    kept, drawn = {}, {}
+    for candidates in (None, 50, 60, 200):
+        sampler, row = started(1, settings, [1], []), torch.tensor([0])
+        distribution = sampler.distribution(sampler.scores(logits.clone(), row), row, candidates)
+        kept[candidates] = sorted(distribution.index[0][torch.isfinite(distribution.top[0])].tolist())
+        drawn[candidates] = distribution.draw(keys)
+    assert len(kept[None]) % 5, "top_p's cut must split a group of equal scores for this test to mean anything"
+    assert all(tokens == kept[None] for tokens in kept.values())
+    assert all(torch.equal(drawn[None], tokens) for tokens in drawn.values())
+
+
 @pytest.mark.parametrize("k", [1, 5, 50, 700])
 def test_two_pass_top_k_equals_topk(k):
     """The CPU's candidates: the same values and tokens as torch.topk, best first, including rows
     whose best tokens crowd into one block and rows mostly -inf (every token penalised away)."""
     generator = torch.Generator().manual_seed(k)
     scores = torch.randn(6, VOCAB, generator=generator) * 3
-    scores[1, 640:640 + 2 * k] += 20  # the best all in a few neighbouring blocks
+    scores[1, 640 : 640 + 2 * k] += 20  # the best all in a few neighbouring blocks
     scores[2, :] = -torch.inf
     scores[2, torch.randperm(VOCAB, generator=generator)[: k + 3]] = torch.randn(k + 3, generator=generator)
     expected_values, expected_tokens = scores.topk(k, dim=-1)
@@ -148,12 +206,19 @@ def test_the_noise_is_finite_for_every_value_of_its_random_bits():
 
 def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
     """The draw that picked a removed token with 24-bit noise (its noise was +inf: -inf + inf is NaN,
-    which argmax takes): seed 1, token index 829, token 28884. The GPU's shape, every candidate
-    sorted, so noise is drawn for all 32,000 tokens."""
-    assert torch.isfinite(gumbel_noise(torch.tensor([1]), torch.tensor([829]), torch.tensor([[28884]]))).all()
+    which argmax takes): seed 1, token index 829, token 28884, when noise was drawn for every token.
+    The GPU's shape."""
+    assert torch.isfinite(gumbel_noise(draw_key(torch.tensor([1]), torch.tensor([829])), torch.tensor([28884])))
     sampler = Sampler(1, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=0.7, top_k=50, top_p=0.95, seed=1), torch.tensor([1]))
     sampler.generated[0] = 829
     logits = torch.linspace(10.0, -50.0, VOCAB)[None, :].clone()  # token t is the (t+1)-th best
     token = sampler.sample(logits, torch.tensor([0]), penalties=False).item()
     assert token < 50
+
+
+def test_a_row_of_only_minus_inf_draws_without_error():
+    sampler = Sampler(1, VOCAB, EOS, CPU)
+    sampler.start(0, RowSettings(temperature=1.0, top_p=0.5), torch.tensor([1]))
+    token = sampler.sample(torch.full((1, VOCAB), -torch.inf), torch.tensor([0])).item()
+    assert 0 <= token < VOCAB
