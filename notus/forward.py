@@ -16,15 +16,37 @@ modules is ours, so the cache is plain tensors:
 - Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
   (ring + chunk): bounded by the chunk size, whatever the prompt's length (a first chunk needs no
   mask at all: SDPA's causal kernel).
+- Attention kernels are pinned on CUDA in bf16 (`ATTENTION_KERNELS`): a kernel that cannot take these shapes
+  fails loudly instead of SDPA falling back to its math kernel, which materialises the scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+
+# SDPA's kernel for each use on CUDA. FlashAttention takes grouped-query heads but no mask; the
+# memory-efficient kernel takes a mask but not grouped heads (decode folds them into the query axis,
+# masked prefill repeats them).
+ATTENTION_KERNELS = {
+    "prefill, first chunk (causal)": SDPBackend.FLASH_ATTENTION,
+    "prefill, later chunk (masked)": SDPBackend.EFFICIENT_ATTENTION,
+    "decode": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def attention_kernel(use: str, cache: KVCache):
+    """SDPA limited to the one kernel pinned for `use` on CUDA in bf16 (how notus runs). Elsewhere SDPA
+    chooses: the CPU has its own kernels, and FlashAttention takes no float32 (the GPU exactness tests)."""
+    backend = ATTENTION_KERNELS[use]
+    pinned = cache.k.is_cuda and cache.k.dtype in (torch.bfloat16, torch.float16)
+    return sdpa_kernel([backend]) if pinned else contextlib.nullcontext()
 
 
 class KVCache:
@@ -77,16 +99,17 @@ class Forward:
             visible = (torch.arange(lengths, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         x = self.model.model.embed_tokens(tokens)[:, None, :]
         cos, sin = self.model.model.rotary_emb(x, positions[:, None])
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            cache.k[i][write_slot, :, write_at] = k[:, :, 0]
-            cache.v[i][write_slot, :, write_at] = v[:, :, 0]
-            if isinstance(lengths, int):
-                out = self._attend(layer, q, cache.k[i][:batch, :, :lengths], cache.v[i][:batch, :, :lengths], visible)
-            else:
-                out = torch.cat([self._attend(layer, q[r : r + 1], cache.k[i][r : r + 1, :, :n],
-                                              cache.v[i][r : r + 1, :, :n], None) for r, n in enumerate(lengths)])
-            x = self._rest_of_layer(layer, x, out)
+        with attention_kernel("decode", cache):
+            for i, layer in enumerate(self.layers):
+                q, k, v = self._qkv(layer, x, cos, sin)
+                cache.k[i][write_slot, :, write_at] = k[:, :, 0]
+                cache.v[i][write_slot, :, write_at] = v[:, :, 0]
+                if isinstance(lengths, int):
+                    out = self._attend(layer, q, cache.k[i][:batch, :, :lengths], cache.v[i][:batch, :, :lengths], visible)
+                else:
+                    out = torch.cat([self._attend(layer, q[r : r + 1], cache.k[i][r : r + 1, :, :n],
+                                                  cache.v[i][r : r + 1, :, :n], None) for r, n in enumerate(lengths)])
+                x = self._rest_of_layer(layer, x, out)
         return self.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.inference_mode()
@@ -110,24 +133,29 @@ class Forward:
             visible = None  # a first chunk (no longer than the window): plainly causal, no mask to build
         x = self.model.model.embed_tokens(ids)[None]
         cos, sin = self.model.model.rotary_emb(x, positions[None])
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            keys = torch.cat([cache.k[i][slot, :, :held][None], k], dim=2)
-            values = torch.cat([cache.v[i][slot, :, :held][None], v], dim=2)
-            cache.k[i][slot][:, positions % window] = k[0]
-            cache.v[i][slot][:, positions % window] = v[0]
-            # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
-            # reads each KV head once for its query heads (enable_gqa). With a mask, CUDA's fused kernels
-            # may not take GQA and SDPA would fall back to its math kernel, which materialises the
-            # chunk x keys scores of every head (GBs): the KV heads are repeated instead, as transformers'
-            # SDPA attention does (a copy of the keys and values, small beside the chunk's matmuls).
-            if visible is not None:
-                keys = keys.repeat_interleave(self.groups, dim=1)
-                values = values.repeat_interleave(self.groups, dim=1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
-                                                 scale=layer.self_attn.scaling, enable_gqa=visible is None)
-            x = self._rest_of_layer(layer, x, out.transpose(1, 2).reshape(1, chunk, -1))
+        use = "prefill, first chunk (causal)" if visible is None else "prefill, later chunk (masked)"
+        with attention_kernel(use, cache):
+            for i, layer in enumerate(self.layers):
+                x = self._prefill_layer(i, layer, x, cos, sin, slot, held, positions, visible)
         return self.lm_head(self.model.model.norm(x[:, -1]))
+
+    def _prefill_layer(self, i, layer, x, cos, sin, slot, held, positions, visible):
+        cache, chunk = self.cache, x.shape[1]
+        q, k, v = self._qkv(layer, x, cos, sin)
+        keys = torch.cat([cache.k[i][slot, :, :held][None], k], dim=2)
+        values = torch.cat([cache.v[i][slot, :, :held][None], v], dim=2)
+        cache.k[i][slot][:, positions % cache.window] = k[0]
+        cache.v[i][slot][:, positions % cache.window] = v[0]
+        # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
+        # reads each KV head once for its query heads (enable_gqa). With a mask, the fused kernel that
+        # takes it does not take grouped heads: the KV heads are repeated, as transformers' SDPA
+        # attention does (a copy of the keys and values, small beside the chunk's matmuls).
+        if visible is not None:
+            keys = keys.repeat_interleave(self.groups, dim=1)
+            values = values.repeat_interleave(self.groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
+                                             scale=layer.self_attn.scaling, enable_gqa=visible is None)
+        return self._rest_of_layer(layer, x, out.transpose(1, 2).reshape(1, chunk, -1))
 
     def _qkv(self, layer, x, cos, sin):
         """Queries [b, heads, t, d], keys and values [b, kv_heads, t, d], rotated."""

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 
 from benchmark import add_model_arguments, build_model, run_facts, tokenizer_dir, write_report  # noqa: E402
-from notus.forward import Forward, KVCache  # noqa: E402
+from notus.forward import ATTENTION_KERNELS, Forward, KVCache  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from notus.scheduler import CHUNK, LENGTH_BUCKETS  # noqa: E402
 
@@ -63,6 +63,34 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
             out["decode, masked bucket"][p] = forward.decode(token, at, active, bucket)[0].float()
         position = end
     return out
+
+
+@torch.inference_mode()
+def attention_kernels(model) -> dict[str, list[str]]:
+    """{use: the attention ops and GPU kernels that ran} for each use `ATTENTION_KERNELS` pins (a first
+    prefill chunk, a later one, a decode step in a graph's masked shape), by the profiler: aten's
+    `_scaled_dot_product_flash_attention` / `_efficient_attention` and their kernels. The math kernel
+    would show as softmax."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.device
+    forward = Forward(model, KVCache(model.config, slots=1, device=device, dtype=model.dtype))
+    ids = torch.randint(1000, 31000, (600,), device=device)
+    runs = {
+        "prefill, first chunk (causal)": lambda: forward.prefill(0, ids[:512], 0),
+        "prefill, later chunk (masked)": lambda: forward.prefill(0, ids[512:], 512),
+        "decode": lambda: forward.decode(ids[:1], torch.tensor([600], device=device),
+                                         torch.tensor([True], device=device), 1024),
+    }
+    assert runs.keys() == ATTENTION_KERNELS.keys()
+    kernels = {}
+    for use, run in runs.items():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            run()
+            torch.cuda.synchronize()
+        names = {event.key for event in profiler.key_averages()}
+        kernels[use] = sorted(n for n in names if any(w in n.lower() for w in ("flash", "fmha", "attention", "softmax")))
+    return kernels
 
 
 def main() -> None:
@@ -100,8 +128,11 @@ def main() -> None:
                          "relative": difference / spread,
                          "argmax_differs": int((got.argmax(-1) != want.argmax(-1)).sum())})
     failed = [r for r in rows if not r["relative"] <= bound]
+    kernels = attention_kernels(model) if model.device.type == "cuda" else {}
     report = {"model": description, **run_facts(args.device), "dtype": str(model.dtype), "length": LENGTH,
-              "prompt_tokens": len(prompt), "bound": bound, "rows": rows, "passed": not failed}
+              "prompt_tokens": len(prompt), "bound": bound, "rows": rows, "passed": not failed,
+              "attention_kernels": {use: {"pinned": ATTENTION_KERNELS[use].name, "ran": names}
+                                    for use, names in kernels.items()}}
     path = write_report(args.out, f"logits-{args.device}", report)
     print(f"{description} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "
           f"teacher-forced logits against transformers' forward, bound {bound:g} of the logits' spread")
@@ -109,6 +140,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['path']} | {r['range']} ({r['positions'][0]}-{r['positions'][1]}) | {r['max_abs_difference']:.3g} | "
               f"{r['relative']:.3g} | {r['argmax_differs']} |")
+    for use, kernel in report["attention_kernels"].items():
+        print(f"attention, {use}: pinned {kernel['pinned']}, ran {', '.join(kernel['ran']) or 'nothing named so'}")
     print(f"wrote {path}")
     if failed:
         raise SystemExit(f"{len(failed)} range(s) beyond the bound: a bug, not rounding")
