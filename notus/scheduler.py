@@ -92,6 +92,8 @@ class Scheduler:
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
         self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Each graph's logits, kept so a test can compare a replay with the eager step (28 MB: 32 slots, bf16).
+        self.graph_logits: dict[tuple[int, int], torch.Tensor] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
@@ -180,7 +182,7 @@ class Scheduler:
         try:
             start = request.prefilled
             chunk = request.input_ids[start : start + min(CHUNK, self.window)]
-            ids = torch.tensor(chunk, dtype=torch.long, device=self.device)
+            ids = self._on_device(chunk)
             logits = self.forward.prefill(request.slot, ids, start)
             request.prefilled += len(chunk)
             if request.prefilled == len(request.input_ids):
@@ -190,8 +192,7 @@ class Scheduler:
 
     def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
         slot = request.slot
-        prompt = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
-        self.sampler.start(slot, request.settings, prompt)
+        self.sampler.start(slot, request.settings, self._on_device(request.input_ids))
         first = self.sampler.sample(logits, self.rows[slot : slot + 1], **self._shortcuts([request]))
         self.tokens[slot : slot + 1] = first
         self.positions[slot].fill_(len(request.input_ids))  # fills, not `[slot] = n`: no host tensor copied
@@ -200,6 +201,12 @@ class Scheduler:
         self._prefilling.remove(request)
         self._decoding.append(request)
         self._queue_read(first, [(request, 0)])
+
+    def _on_device(self, ids: list[int]) -> torch.Tensor:
+        """`ids` as a tensor on the engine's device. To a GPU from pinned memory, copied asynchronously:
+        `torch.tensor(ids, device=cuda)` copies from pageable memory and waits for the steps in flight."""
+        host = torch.tensor(ids, dtype=torch.long, pin_memory=self.cuda)
+        return host.to(self.device, non_blocking=True) if self.cuda else host
 
     def _decode_step(self) -> bool:
         rows = [r for r in self._decoding if r.sampled < r.max_tokens]
@@ -229,12 +236,15 @@ class Scheduler:
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
 
-    def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None, penalties: bool = True) -> None:
-        """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers)."""
+    def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None,
+              penalties: bool = True) -> torch.Tensor:
+        """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers).
+        Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
         active = self.active[:batch]
         logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, lengths)
         self.tokens[:batch] = self.sampler.sample(logits, self.rows[:batch], active, candidates, penalties)
         self.positions[:batch] += active.long()
+        return logits
 
     def _shortcuts(self, rows: list[Request]) -> dict:
         """Work the sampler may skip for these rows (none with CUDA graphs: one graph fits all)."""
@@ -309,6 +319,6 @@ class Scheduler:
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._step(batch, length)
+                    self.graph_logits[batch, length] = self._step(batch, length)
                 self.graphs[batch, length] = graph
         torch.cuda.synchronize()
