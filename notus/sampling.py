@@ -5,8 +5,8 @@ repetition_penalty over the prompt and the reply so far (as `generate`), presenc
 frequency_penalty over the reply so far (as OpenAI), EOS held off until min_tokens, then greedy
 (temperature 0) or: temperature, top_k, top_p, and a draw from what is left.
 
-Everything is a tensor op on per-slot state (no host synchronisation, no Python branch on data),
-so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max in two levels: a
+In the GPU's shape everything is a tensor op on per-slot state (no host synchronisation, no Python
+branch on data), so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max in two levels: a
 block of 256 tokens by its total weight, then a token inside it, with noise hashed from (the
 request's seed, its token index, the block or token id). It follows exactly the distribution
 softmax(processed scores), with noise for 381 numbers a row instead of 32,000; and it is an argmax
@@ -58,10 +58,15 @@ class Distribution:
         vocab + block number, apart from the tokens'.
         """
         (n, c), m = self.top.shape, keys.shape[1]
-        block_of = self.index // BLOCK
-        # Each block's weight, summed in rank order: on the CPU (sequential) the same bits whatever
-        # candidates a batch looks at; on a GPU its atomic adds may differ in the last bit.
-        weight = self.top.new_zeros(n, self.vocab // BLOCK).scatter_add_(1, block_of, self.top.exp()).log()
+        # Each block's weight, the same bits in either shape and on every run: on a GPU summed by one
+        # kernel over the weights in token-id order (atomic adds would vary); on the CPU added one by
+        # one in rank order (no [n, vocab] buffer to fill at each step).
+        if self.top.is_cuda:
+            weights = self.top.new_zeros(n, self.vocab).scatter_(1, self.index, self.top.exp())
+            weight = weights.view(n, -1, BLOCK).sum(dim=-1)
+        else:
+            weight = self.top.new_zeros(n, self.vocab // BLOCK).scatter_add_(1, self.index // BLOCK, self.top.exp())
+        weight = weight.log()  # -inf for a block with nothing kept
         keys = keys[:, :, None]
         block_ids = self.vocab + torch.arange(weight.shape[1], device=keys.device)
         block = (weight[:, None, :] + gumbel_noise(keys, block_ids)).argmax(dim=-1, keepdim=True)  # [n, m, 1]
@@ -71,7 +76,7 @@ class Distribution:
             inside = scores.gather(1, tokens.flatten(1)).view(tokens.shape)
         else:  # the best few (the CPU's shape): those in the block
             tokens = self.index[:, None, :].expand(n, m, c)
-            inside = self.top[:, None, :].masked_fill(block_of[:, None, :] != block, -torch.inf)
+            inside = self.top[:, None, :].masked_fill(self.index[:, None, :] // BLOCK != block, -torch.inf)
         return tokens.gather(2, (inside + gumbel_noise(keys, tokens)).argmax(dim=-1, keepdim=True))[:, :, 0]
 
 
@@ -145,12 +150,20 @@ class Sampler:
         """Temperature, top_k and top_p applied to `scores`: what the rows draw from.
 
         The GPU's shape sorts every candidate (`candidates` None); the CPU's looks at the best
-        `candidates` only. Both rank equal scores by token id, so they keep the same tokens.
+        `candidates` only, unless scores tie across the last one's place. Both rank equal scores by
+        token id, so they keep the same tokens.
         """
         k = candidates or self.vocab_size
         if k < self.vocab_size:
-            top, index = _ties_by_token_id(*top_k(scores, k))
-        else:
+            top, index = top_k(scores, k + 1)
+            # The (k+1)-th best equal to the k-th: topk chose among tokens tied across the last
+            # place, where only a stable sort chooses as the GPU's shape does (rare with float32
+            # logits; a host read, the CPU's eager steps only).
+            if bool(((top[:, k] == top[:, k - 1]) & torch.isfinite(top[:, k])).any()):
+                k = self.vocab_size
+            else:
+                top, index = _ties_by_token_id(top[:, :k], index[:, :k])
+        if k == self.vocab_size:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
         # Temperature keeps the order, so it applies to the candidates only, shifted to a maximum of 0.
         temperature = self.temperature[slots][:, None]
@@ -212,7 +225,7 @@ def top_k(scores: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, 
 
 def _ties_by_token_id(top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """topk's candidates reordered as a stable sort of the whole row orders them: equal scores by
-    token id, so that top_k keeps the same tokens in either shape."""
+    token id, so that top_p keeps the same tokens in either shape."""
     index, by_id = index.sort(dim=-1)
     top, by_score = top.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
     return top, index.gather(1, by_score)

@@ -157,23 +157,24 @@ def test_draws_depend_only_on_seed_and_token_index():
     assert any(a != c for a, _, c in tokens)  # another seed, other draws
 
 
-def test_equal_scores_keep_the_same_tokens_whatever_candidates_the_batch_looks_at():
-    """bf16 logits tie often. Where top_p's cut falls inside a group of equal scores, the tokens kept
-    are the group's lowest ids in every shape: the GPU's full sort, and the CPU's top candidates for
-    this row alone or beside a row wanting more; so the draws are the same too."""
+@pytest.mark.parametrize("settings", [RowSettings(temperature=1.0, top_k=50, top_p=0.5, seed=3),
+                                      RowSettings(temperature=1.0, top_k=48, seed=3)], ids=["top_p cut", "top_k cut"])
+def test_equal_scores_keep_the_same_tokens_whatever_candidates_the_batch_looks_at(settings):
+    """bf16 logits tie often. Where top_p's or top_k's cut falls inside a group of equal scores, the
+    tokens kept are the group's lowest ids in every shape: the GPU's full sort, and the CPU's top
+    candidates for this row alone or beside a row wanting more; so the draws are the same too."""
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(1, VOCAB, generator=generator) - 10
     best = torch.randperm(VOCAB, generator=generator)[:60]
     logits[0, best] = 5 - (torch.arange(60) // 5) * 0.25  # twelve groups of five equal scores
-    settings = RowSettings(temperature=1.0, top_k=50, top_p=0.5, seed=3)
     keys = draw_key(torch.full((2000,), settings.seed), torch.arange(2000))[None, :]
     kept, drawn = {}, {}
-    for candidates in (None, 50, 60, 200):
+    for candidates in (None, settings.top_k, 60, 200):
         sampler, row = started(1, settings, [1], []), torch.tensor([0])
         distribution = sampler.distribution(sampler.scores(logits.clone(), row), row, candidates)
         kept[candidates] = sorted(distribution.index[0][torch.isfinite(distribution.top[0])].tolist())
         drawn[candidates] = distribution.draw(keys)
-    assert len(kept[None]) % 5, "top_p's cut must split a group of equal scores for this test to mean anything"
+    assert len(kept[None]) % 5, "the cut must split a group of equal scores for this test to mean anything"
     assert all(tokens == kept[None] for tokens in kept.values())
     assert all(torch.equal(drawn[None], tokens) for tokens in drawn.values())
 
