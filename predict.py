@@ -22,6 +22,7 @@ from notus.capacity import admitted_predictions
 from notus.checkpoint import check_checkpoint
 from notus.engine import Engine, GenerationStats
 from notus.loading import pick_device
+from notus.messages import Conversation, conversation
 from notus.params import (
     CONTEXT_LENGTH,
     DEFAULT_MAX_TOKENS,
@@ -71,12 +72,21 @@ class Predictor(BasePredictor):
     async def predict(
         self,
         prompt: str = Input(
-            description="Your message to the assistant.", min_length=1, max_length=MAX_PROMPT_CHARS,
+            default="", max_length=MAX_PROMPT_CHARS,
+            description="Your message to the assistant. Leave empty when you send messages instead.",
         ),
         system_prompt: str = Input(
             default="", max_length=MAX_PROMPT_CHARS,
             description="Instructions that shape every reply (the chat's system message). "
             "Leave empty for none: the model was trained with an empty system turn in that case.",
+        ),
+        messages: list[dict] = Input(
+            default=[],
+            description="A whole conversation instead of prompt and system_prompt (which must then be "
+            'empty), as a JSON list: [{"role": "system", "content": "Be brief."}, {"role": "user", '
+            '"content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": '
+            '"Tell me a joke."}]. At most one system message, first; then user and assistant take turns, '
+            "ending with the user message the reply answers.",
         ),
         max_tokens: int = Input(
             default=DEFAULT_MAX_TOKENS, ge=1, le=CONTEXT_LENGTH,
@@ -152,14 +162,14 @@ class Predictor(BasePredictor):
             stop_sequences=tuple(parse_stop_sequences(stop_sequences)),
             seed=seed,
         )
-        return coglet_stream.stream(self._reply(system_prompt, prompt, params, stats))
+        turns = conversation(prompt, system_prompt, messages)
+        return coglet_stream.stream(self._reply(turns, params, stats))
 
-    async def _reply(self, system_prompt: str, prompt: str, params: SamplingParams,
-                     stats: GenerationStats) -> AsyncIterator[str]:
+    async def _reply(self, turns: Conversation, params: SamplingParams, stats: GenerationStats) -> AsyncIterator[str]:
         try:
             # A cancel (or a client gone) arrives here as asyncio.CancelledError: leaving the loop stops
             # the request in the engine within a step, and the error goes on up to Cog.
-            async with aclosing(self.engine.stream(system_prompt, prompt, params, stats)) as pieces:
+            async with aclosing(self.engine.stream_conversation(turns, params, stats)) as pieces:
                 async for piece in pieces:
                     yield piece
         finally:

@@ -1,7 +1,7 @@
 """The generation engine: notus-7b-v1 on the GPU (or the CPU in tests), many requests at once.
 
-`Engine.stream()` takes a system + user message and yields clean text chunks as the model produces
-them, asynchronously; any number of coroutines (on any event loops) may call it at once. The tokens come from the engine thread
+`Engine.stream()` takes a system + user message (`stream_conversation()` a whole conversation) and
+yields clean text chunks as the model produces them, asynchronously; any number of coroutines (on any event loops) may call it at once. The tokens come from the engine thread
 (notus/scheduler.py), which batches every request in flight into one decode step; as soon as a
 consumer stops (stop sequence, cancel, error) its request leaves the batch at the next step or
 prefill chunk, so its work stops within a token, not at max_tokens.
@@ -24,7 +24,8 @@ from transformers import GenerationConfig
 from notus.capacity import kv_budget_bytes, plan_slots
 from notus.forward import KVCache
 from notus.loading import load_model
-from notus.params import MAX_PROMPT_CHARS, SamplingParams
+from notus.messages import Conversation, conversation
+from notus.params import SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
 from notus.sampling import RowSettings
 from notus.scheduler import Request, Scheduler
@@ -99,8 +100,8 @@ class Engine:
         KV-cache slot for each of `admitted` predictions at once, as many as fit (notus/capacity.py)."""
         weights_dir = Path(weights_dir)
         t0 = time.perf_counter()
-        tokenizer, frame = load_tokenizer(weights_dir)
-        prompt = ChatPrompt(tokenizer, frame)
+        tokenizer, template = load_tokenizer(weights_dir)
+        prompt = ChatPrompt(tokenizer, template)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
         model = load_model(weights_dir, device)
         per_slot = KVCache.bytes_per_slot(model.config, model.dtype)
@@ -128,14 +129,17 @@ class Engine:
     async def stream(
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
     ) -> AsyncIterator[str]:
-        """Text of the reply, as soon as each piece is complete. Fills `stats` as it goes."""
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
-            if len(text) > MAX_PROMPT_CHARS:  # longer than any text that fits the context: don't tokenize it
-                raise ValueError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} can fit "
-                                 f"the {self.context_length:,}-token context")
-        async with aclosing(self.stream_ids(self.prompt.ids(system_prompt, prompt), params, stats)) as pieces:
+        """Text of the reply to one system + user exchange (see stream_conversation)."""
+        async with aclosing(self.stream_conversation(conversation(prompt, system_prompt), params, stats)) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def stream_conversation(
+        self, turns: Conversation, params: SamplingParams, stats: GenerationStats | None = None
+    ) -> AsyncIterator[str]:
+        """Text of the reply to a conversation (notus/messages.py checks it), as soon as each piece
+        is complete. Fills `stats` as it goes."""
+        async with aclosing(self.stream_ids(self.prompt.conversation_ids(turns), params, stats)) as pieces:
             async for piece in pieces:
                 yield piece
 

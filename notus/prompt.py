@@ -12,6 +12,7 @@ template's own `</s>` become the control token. Text inside a message that spell
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -22,15 +23,12 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers.tokenization_utils_base import generate_merges
 
-# Stand-ins for the message contents while the template renders; they hold no `</s>` and no
-# character the template or a user could produce by accident.
-_SYSTEM = "\x00notus-system\x00"
-_USER = "\x00notus-user\x00"
-_PLACEHOLDER = re.compile(f"{re.escape(_SYSTEM)}|{re.escape(_USER)}")
-
+# Stand-ins for the message contents while the template renders: message i is `\x00notus-i\x00`,
+# which holds no `</s>` and no character the template or a user could produce by accident.
+_PLACEHOLDER = re.compile("\x00notus-([0-9]+)\x00")
 
 def load_tokenizer(weights_dir: str | Path) -> tuple[Tokenizer, str]:
-    """The legacy Llama tokenizer of notus, and its chat template rendered with placeholders.
+    """The legacy Llama tokenizer of notus, and its chat template (tokenizer_config.json's).
 
     Built from tokenizer.model (SentencePiece, what training used) when present, else read from
     tokenizer.json. transformers 5's own conversion loses the legacy behaviour (no `▁` after a
@@ -53,7 +51,7 @@ def load_tokenizer(weights_dir: str | Path) -> tuple[Tokenizer, str]:
     tokenizer.encode_special_tokens = True
     if not config.get("chat_template"):
         raise ValueError(f"{weights_dir / 'tokenizer_config.json'} has no chat_template")
-    return tokenizer, render_frame(config["chat_template"], config.get("eos_token", "</s>"))
+    return tokenizer, config["chat_template"]
 
 
 def _from_sentencepiece(path: Path) -> Tokenizer:
@@ -67,44 +65,67 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def render_frame(chat_template: str, eos_token: str = "</s>") -> str:
-    """The template rendered once, as transformers renders it, with placeholder contents.
-
-    The system turn is always there (empty when the user gives none), as in training.
-    """
+@functools.lru_cache(maxsize=64)  # one frame per conversation length: a handful in practice
+def render_frame(chat_template: str, roles: tuple[str, ...], eos_token: str = "</s>") -> str:
+    """The template rendered as transformers renders it, for messages of these roles, each content a
+    placeholder (message i: `\x00notus-i\x00`), ending with the generation prompt."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER}]
+    messages = [{"role": role, "content": f"\x00notus-{i}\x00"} for i, role in enumerate(roles)]
     return env.from_string(chat_template).render(
         messages=messages, add_generation_prompt=True, eos_token=eos_token, bos_token="<s>"
     )
 
 
 class ChatPrompt:
-    """Builds the token ids of one system + user exchange, ending at `<|assistant|>\\n`."""
+    """Builds the token ids of a conversation, ending at `<|assistant|>\n`."""
 
-    def __init__(self, tokenizer: Tokenizer, frame: str, bos_token: str = "<s>", eos_token: str = "</s>"):
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, bos_token: str = "<s>", eos_token: str = "</s>"):
         self.tokenizer = tokenizer
         self.bos_id = tokenizer.token_to_id(bos_token)
         self.eos_id = tokenizer.token_to_id(eos_token)
-        # The template's own EOS tokens split the frame into segments, as the legacy tokenizer
-        # split the rendered text in training.
-        self._segments = frame.split(eos_token)
+        self._template, self._eos_token = chat_template, eos_token
 
     def text(self, system_prompt: str, prompt: str) -> str:
         """The rendered prompt as text (for logs and debugging)."""
-        return "</s>".join(self._fill(s, system_prompt, prompt) for s in self._segments)
+        return self.conversation_text([("system", system_prompt), ("user", prompt)])
 
     def ids(self, system_prompt: str, prompt: str) -> list[int]:
+        """One system + user exchange (an empty system prompt is the empty system turn of training)."""
+        return self.conversation_ids([("system", system_prompt), ("user", prompt)])
+
+    def conversation_text(self, messages: list[tuple[str, str]]) -> str:
+        contents = self._contents(messages)
+        return self._eos_token.join(self._fill(s, contents) for s in self._segments(messages))
+
+    def conversation_ids(self, messages: list[tuple[str, str]]) -> list[int]:
+        """(role, content) pairs, checked by notus/messages.py: the system message first if any (else
+        the empty system turn, as in training), then user and assistant in turn, ending with a user.
+
+        The template's own EOS tokens split the rendered text into segments, each tokenized on its
+        own, as the legacy tokenizer split the text in training; message text is only ever text.
+        """
+        contents = self._contents(messages)
         ids = [self.bos_id]
-        for i, segment in enumerate(self._segments):
+        for i, segment in enumerate(self._segments(messages)):
             if i:
                 ids.append(self.eos_id)
-            text = self._fill(segment, system_prompt, prompt)
+            text = self._fill(segment, contents)
             if text:
                 ids.extend(self.tokenizer.encode(text, add_special_tokens=False).ids)
         return ids
 
+    def _segments(self, messages: list[tuple[str, str]]) -> list[str]:
+        roles = tuple(role for role, _ in self._with_system(messages))
+        return render_frame(self._template, roles, self._eos_token).split(self._eos_token)
+
+    def _contents(self, messages: list[tuple[str, str]]) -> list[str]:
+        return [content for _, content in self._with_system(messages)]
+
     @staticmethod
-    def _fill(segment: str, system_prompt: str, prompt: str) -> str:
+    def _with_system(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return list(messages) if messages and messages[0][0] == "system" else [("system", ""), *messages]
+
+    @staticmethod
+    def _fill(segment: str, contents: list[str]) -> str:
         # One pass, so a message that happens to contain a placeholder is not substituted twice.
-        return _PLACEHOLDER.sub(lambda m: system_prompt if m.group() == _SYSTEM else prompt, segment)
+        return _PLACEHOLDER.sub(lambda m: contents[int(m.group(1))], segment)

@@ -294,8 +294,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model, description = build_model(args)
-    tokenizer, frame = load_tokenizer(tokenizer_dir(args.weights))
-    engine = Engine(model, ChatPrompt(tokenizer, frame), slots=max([DEFAULT_SLOTS, *args.streams]),
+    tokenizer, template = load_tokenizer(tokenizer_dir(args.weights))
+    engine = Engine(model, ChatPrompt(tokenizer, template), slots=max([DEFAULT_SLOTS, *args.streams]),
                     cuda_graphs=False if args.no_graphs else None)
     engine.warm_up()
     setup_seconds = time.perf_counter() - t0

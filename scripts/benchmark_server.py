@@ -47,8 +47,8 @@ from random_checkpoint import add_checkpoint_arguments, checkpoint_from  # noqa:
 
 def prompt_of(weights: Path, tokens: int) -> str:
     """A user message whose templated prompt is `tokens` tokens long (or the first length past it)."""
-    tokenizer, frame = load_tokenizer(weights)
-    prompt = ChatPrompt(tokenizer, frame)
+    tokenizer, template = load_tokenizer(weights)
+    prompt = ChatPrompt(tokenizer, template)
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
     text = ""
     while len(prompt.ids("", text or "x")) < tokens:

@@ -75,8 +75,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, description = build_model(args)
-    tokenizer, frame = load_tokenizer(tokenizer_dir(args.weights))
-    engine = Engine(model, ChatPrompt(tokenizer, frame), slots=len(MESSAGES) + len(RANDOM_LENGTHS))
+    tokenizer, template = load_tokenizer(tokenizer_dir(args.weights))
+    engine = Engine(model, ChatPrompt(tokenizer, template), slots=len(MESSAGES) + len(RANDOM_LENGTHS))
     engine.warm_up()
     generator = torch.Generator().manual_seed(0)
     prompts = [engine.prompt.ids(system, user) for system, user in MESSAGES] + [

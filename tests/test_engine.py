@@ -166,7 +166,7 @@ def test_bad_settings_get_clear_errors(engine, params, message):
 
 
 def test_empty_prompt_is_refused(engine):
-    with pytest.raises(ValueError, match="prompt must not be empty"):
+    with pytest.raises(ValueError, match=r"^give prompt \(your message\) or messages \(a conversation\): both are empty$"):
         reply(engine, "")
 
 

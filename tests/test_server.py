@@ -38,15 +38,18 @@ def test_schema_describes_every_input_with_its_limits(server):
     schema = requests.get(f"{server.url}/openapi.json", timeout=5).json()
     assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
     inputs = schema["components"]["schemas"]["Input"]
-    assert inputs["required"] == ["prompt"]
+    assert "required" not in inputs  # prompt or messages: which one, predict checks
     props = inputs["properties"]
     assert sorted(props, key=lambda name: props[name]["x-order"]) == [
-        "prompt", "system_prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
+        "prompt", "system_prompt", "messages", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
         "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_sequences", "seed",
         "max_new_tokens", "min_new_tokens",
     ]
     assert all(p.get("description") for p in props.values())
     assert props["prompt"]["maxLength"] == props["system_prompt"]["maxLength"] == MAX_PROMPT_CHARS
+    assert props["prompt"]["default"] == props["system_prompt"]["default"] == ""
+    # What cog build's Go writes for list[dict] (pkg/schema/schema_type.go: an array of opaque objects).
+    assert props["messages"].items() >= {"type": "array", "items": {"type": "object"}, "default": []}.items()
     assert props["max_tokens"].items() >= {"type": "integer", "default": 512, "minimum": 1, "maximum": 32768}.items()
     assert props["min_tokens"].items() >= {"type": "integer", "default": 0, "minimum": 0, "maximum": 32768}.items()
     assert props["temperature"].items() >= {"type": "number", "default": 0.7, "minimum": 0, "maximum": 5}.items()
@@ -82,6 +85,38 @@ def test_sync_prediction_matches_the_engine(server, engine):
     assert metrics["input_token_count"] == len(engine.prompt.ids("Be brief.", "Hello there"))
     assert 1 <= metrics["output_token_count"] <= 30
     assert metrics["time_to_first_token"] > 0 and metrics["tokens_per_second"] > 0
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": "Hi! What can I do for you?"}, {"role": "user", "content": "A haiku."}]
+
+
+def test_a_conversation_in_messages_matches_the_engine(server, engine):
+    response = server.predict(messages=CONVERSATION, max_tokens=30, seed=42)
+    body = response.json()
+    assert body["status"] == "succeeded", body
+    turns = [(m["role"], m["content"]) for m in CONVERSATION]
+    assert "".join(body["output"]) == text(engine.stream_conversation(turns, SamplingParams(max_tokens=30, seed=42)))
+    assert body["metrics"]["input_token_count"] == len(engine.prompt.conversation_ids(turns))
+
+
+@pytest.mark.parametrize(
+    "inputs,error",
+    [
+        ({}, "give prompt (your message) or messages (a conversation): both are empty"),
+        ({"prompt": "Hi", "messages": CONVERSATION},
+         "messages replaces prompt and system_prompt, which must then be empty; prompt was given too"),
+        ({"messages": [*CONVERSATION, {"role": "user", "content": "Again"}]},
+         "messages[4].role must be 'assistant' (user and assistant take turns, starting with user), got 'user'"),
+        ({"messages": [{"role": "user", "text": "Hi"}]}, "messages[0] has 'text': a message holds only role and content"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content must be a string, got a number"),
+    ],
+)
+def test_a_malformed_conversation_fails_with_a_clear_error_and_the_next_prediction_works(server, inputs, error):
+    body = server.predict(**inputs).json()
+    assert body["status"] == "failed" and error in body["error"], body
+    assert server.wait_ready()["status"] == "READY"
+    assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
 
 def test_sse_streams_each_chunk(server):
@@ -124,8 +159,9 @@ def test_sse_streams_each_chunk(server):
         ({"seed": -10**20}, "seed"),
         ({"seed": -1}, "seed"),
         ({"seed": MAX_SEED + 1}, "seed"),
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": None}, "prompt"),
+        ({"messages": "Hi"}, "messages"),
+        ({"messages": {"role": "user", "content": "Hi"}}, "messages"),
+        ({"messages": [1]}, "messages/0"),  # each message must be an object: the schema says so
         ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
         ({"system_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "system_prompt"),
         ({"stop_sequences": "x" * 1001}, "stop_sequences"),
@@ -133,8 +169,6 @@ def test_sse_streams_each_chunk(server):
 )
 def test_out_of_range_input_is_422_naming_the_field(server, inputs, field):
     body = {"prompt": "Hi", **inputs}
-    if body["prompt"] is None:
-        del body["prompt"]
     response = server.predict(**body)
     assert response.status_code == 422, response.text
     assert any(d["loc"][-1] == field for d in response.json()["detail"]), response.text
