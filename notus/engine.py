@@ -44,6 +44,7 @@ class GenerationStats:
 
     seed: int | None = None
     input_token_count: int = 0
+    cached_input_token_count: int = 0  # prompt tokens whose keys and values were reused, not computed
     output_token_count: int = 0
     time_to_first_token: float | None = None  # from the call, waiting for a slot included
     tokens_per_second: float | None = None
@@ -64,6 +65,7 @@ class GenerationStats:
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {
             "input_token_count": self.input_token_count,
+            "cached_input_token_count": self.cached_input_token_count,
             "output_token_count": self.output_token_count,
         }
         if self.time_in_queue is not None:
@@ -77,7 +79,8 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, model, prompt: ChatPrompt, slots: int = DEFAULT_SLOTS, cuda_graphs: bool | None = None):
+    def __init__(self, model, prompt: ChatPrompt, slots: int = DEFAULT_SLOTS, cuda_graphs: bool | None = None,
+                 reuse: bool = True):
         self.model = model
         self.prompt = prompt
         self.tokenizer = prompt.tokenizer
@@ -91,7 +94,8 @@ class Engine:
         # The longest sequence the model takes: prompt plus new tokens.
         self.context_length = model.config.max_position_embeddings
         # cuda_graphs=None: CUDA graphs on the GPU (captured by warm_up), eager elsewhere.
-        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs)
+        # reuse: a prompt that begins as a sequence still in the KV cache skips its prefill (notus/prefix_cache.py).
+        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse)
 
     @classmethod
     def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,
@@ -232,6 +236,7 @@ class Engine:
                 arrived.clear()
                 if stats is not None and request.admitted_at is not None:
                     stats.time_in_queue = request.admitted_at - submitted
+                    stats.cached_input_token_count = request.cached
                 batch = []
                 while request.tokens:
                     token = request.tokens.popleft()

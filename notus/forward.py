@@ -57,6 +57,12 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.scratch = slots
 
+    def copy_prefix(self, source: int, slot: int, n: int) -> None:
+        """Ring entries 0..n-1 of every layer, keys and values, from slot `source` to `slot` (on the
+        device, after the work already queued)."""
+        self.k[:, slot, :, :n] = self.k[:, source, :, :n]
+        self.v[:, slot, :, :n] = self.v[:, source, :, :n]
+
     @staticmethod
     def slot_shape(config) -> tuple[int, int, int, int]:
         """One slot's K (or V): layers, KV heads, the sliding window, head dim."""

@@ -4,7 +4,9 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
 (notus/sampling.py). Each turn of its loop:
 1. takes new requests (in order) and drops those whose consumer has stopped (cancel, stop sequence,
    error): a stopped request frees its slot at once, wherever it was;
-2. gives free slots to waiting requests, oldest first;
+2. gives free slots to waiting requests, oldest first: where a slot still holds the start of the
+   prompt (a finished request's keys and values stay until the slot is needed), its prefill starts
+   where they diverge, in that slot or from a copy into another (notus/prefix_cache.py);
 3. runs ONE prefill chunk (CHUNK tokens) of the oldest request being prefilled, so a long prompt
    stalls the others by one chunk at most, and a cancel is seen between chunks; its last chunk
    samples its first token and the request joins the decoding batch;
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from notus.forward import Forward, KVCache
+from notus.prefix_cache import PrefixCache
 from notus.sampling import RowSettings, Sampler, shortcuts
 
 log = logging.getLogger("notus")
@@ -60,9 +63,11 @@ class Request:
     # The engine thread's bookkeeping.
     admitted_at: float | None = None  # perf_counter() when it got a slot
     slot: int | None = None
+    cached: int = 0  # prompt tokens whose keys and values were already in the cache (notus/prefix_cache.py)
     prefilled: int = 0
     sampled: int = 0  # tokens sampled (some maybe not read yet)
     delivered: int = 0
+    last_token: int | None = None  # the last one delivered
 
 
 @dataclass
@@ -75,7 +80,7 @@ class _Read:
 
 
 class Scheduler:
-    def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None):
+    def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True):
         self.model, self.eos_id, self.slots = model, eos_id, slots
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -84,6 +89,7 @@ class Scheduler:
         self.forward = Forward(model, self.cache)
         self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device)
         self.window = self.cache.window
+        self.prefixes = PrefixCache(slots, self.window) if reuse else None
         # Decode inputs per slot, on the device: the last token, its position, whether it decodes.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -174,7 +180,16 @@ class Scheduler:
     def _admit(self) -> None:
         while self._free and self._waiting:
             request = self._waiting.popleft()
-            request.slot = self._free.pop(0)  # the lowest free slot: batch buckets stay small
+            if self.prefixes is None:
+                request.slot = self._free[0]  # the lowest free slot: batch buckets stay small
+            else:
+                busy = [r.slot for r in (*self._prefilling, *self._decoding)]
+                request.slot, request.cached, source = self.prefixes.choose(self._free, busy, request.input_ids)
+                if source is not None:  # the prefix's keys and values, copied on the device
+                    self.cache.copy_prefix(source, request.slot, request.cached)
+                self.prefixes.taken(request.slot, request.input_ids, request.cached)
+                request.prefilled = request.cached
+            self._free.remove(request.slot)
             request.admitted_at = time.perf_counter()
             self._prefilling.append(request)
 
@@ -185,6 +200,8 @@ class Scheduler:
             ids = self._on_device(chunk)
             logits = self.forward.prefill(request.slot, ids, start)
             request.prefilled += len(chunk)
+            if self.prefixes is not None:
+                self.prefixes.extend(request.slot, chunk)
             if request.prefilled == len(request.input_ids):
                 self._start_decoding(request, logits)
         except Exception as e:  # this request fails alone; its tensors go with the frames
@@ -275,7 +292,10 @@ class Scheduler:
                 if request.done.is_set():
                     continue  # finished or stopped while the step was in flight
                 token = values[row]
+                if self.prefixes is not None and request.delivered:  # this step fed the one before
+                    self.prefixes.extend(request.slot, [request.last_token])
                 request.tokens.append(token)
+                request.last_token = token
                 request.delivered += 1
                 if token == self.eos_id or request.delivered == request.max_tokens:
                     self._finish(request)  # wakes it
@@ -302,6 +322,8 @@ class Scheduler:
         error.__traceback__ = error.__context__ = error.__cause__ = None
         for request in requests:
             request.error = error
+            if self.prefixes is not None and request.slot is not None:
+                self.prefixes.forget(request.slot)  # what its work left in the slot is unknown
             self._finish(request)
 
     # --- CUDA graphs ---

@@ -25,6 +25,12 @@ length: with N=1 they run one after another. Writes JSON under benchmarks/ and p
 
     python scripts/benchmark.py --streams 1 8 32          # GPU
     python scripts/benchmark.py --tiny --streams 1 8      # CPU, under 3 minutes
+
+With --conversation, only what reusing the KV cache saves (scripts/reuse_benchmark.py): the fifth
+turn of a 3,000-token conversation and 8 callers sharing a 2,000-token system prompt, each with
+reuse and without, in one run.
+
+    python scripts/benchmark.py --tiny --conversation --reps 3   # CPU
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from notus.loading import load_model, pick_dtype  # noqa: E402
 from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_small_files, write_tiny  # noqa: E402
+from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
@@ -289,12 +296,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--streams", type=int, nargs="*", default=[], help="concurrent requests to measure, e.g. 1 8 32")
     parser.add_argument("--no-graphs", action="store_true", help="the project path without CUDA graphs")
+    parser.add_argument("--conversation", action="store_true",
+                        help="only the KV-cache reuse workloads (scripts/reuse_benchmark.py), with and without reuse")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
     model, description = build_model(args)
     tokenizer, template = load_tokenizer(tokenizer_dir(args.weights))
+    if args.conversation:
+        return conversation_mode(model, ChatPrompt(tokenizer, template), description, args)
     engine = Engine(model, ChatPrompt(tokenizer, template), slots=max([DEFAULT_SLOTS, *args.streams]),
                     cuda_graphs=False if args.no_graphs else None)
     engine.warm_up()
@@ -350,6 +361,19 @@ def main() -> None:
     }
     path = write_report(args.out, f"decode-{device}", report)
     print(markdown_table(report))
+    print(f"wrote {path}")
+
+
+def conversation_mode(model, prompt: ChatPrompt, description: str, args) -> None:
+    def random_ids_for(seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        return lambda n: torch.randint(1000, 31000, (n,), generator=generator).tolist()
+
+    report = {"model": description, **run_facts(str(model.device.type)), "reps": args.reps,
+              **conversation_report(model, prompt, DEFAULT_SLOTS, args.reps, random_ids_for)}
+    path = write_report(args.out, f"conversation-{model.device.type}", report)
+    print(f"{description} on {report['device']} (torch {report['torch']}): KV-cache reuse, median of {args.reps}")
+    print(conversation_table(report))
     print(f"wrote {path}")
 
 

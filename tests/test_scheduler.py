@@ -152,8 +152,8 @@ def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monke
     prefill = engine.scheduler.forward.prefill
     leftovers = []
 
-    def failing_prefill(slot, ids, start):
-        if ids.shape[0] == len(poisoned) and ids.tolist() == poisoned:
+    def failing_prefill(slot, ids, start):  # its prefill (after any prefix reused from the cache)
+        if start + ids.shape[0] == len(poisoned) and ids.tolist() == poisoned[start:]:
             work = torch.ones(64, 2**20)  # 256 MB of this request's work in flight
             leftovers.append(weakref.ref(work))
             raise torch.OutOfMemoryError("injected: out of memory in this request's prefill")

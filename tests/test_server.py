@@ -98,6 +98,10 @@ def test_a_conversation_in_messages_matches_the_engine(server, engine):
     turns = [(m["role"], m["content"]) for m in CONVERSATION]
     assert "".join(body["output"]) == text(engine.stream_conversation(turns, SamplingParams(max_tokens=30, seed=42)))
     assert body["metrics"]["input_token_count"] == len(engine.prompt.conversation_ids(turns))
+    # Asked again: every prompt token but the last is still in the KV cache, and the reply is the same.
+    again = server.predict(messages=CONVERSATION, max_tokens=30, seed=42).json()
+    assert again["output"] == body["output"]
+    assert again["metrics"]["cached_input_token_count"] == body["metrics"]["input_token_count"] - 1
 
 
 @pytest.mark.parametrize(
