@@ -11,6 +11,7 @@ from __future__ import annotations
 from notus.params import CONTEXT_LENGTH, MAX_PROMPT_CHARS
 
 Conversation = list[tuple[str, str]]  # (role, content), as notus/prompt.py renders it
+MAX_MESSAGES = CONTEXT_LENGTH // 4  # each message renders to at least 4 tokens: more cannot fit
 
 
 def conversation(prompt: str = "", system_prompt: str = "", messages: list | None = None) -> Conversation:
@@ -32,7 +33,11 @@ def checked(messages: list) -> Conversation:
     """`messages` as (role, content) turns, or a ValueError naming the message and field at fault."""
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"messages holds {len(messages):,} messages; at most {MAX_MESSAGES:,} fit the "
+                         f"{CONTEXT_LENGTH:,}-token context (each takes at least 4 tokens)")
     turns: Conversation = []
+    expected, chars = "user", 0  # the role the next user/assistant message must have; characters so far
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -48,27 +53,23 @@ def checked(messages: list) -> Conversation:
             raise ValueError(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}")
         if not isinstance(content, str):
             raise ValueError(f"{where}.content must be a string, got {_kind(content)}")
-        expected = _expected_role(turns)
         if role == "system":
             if turns:
                 raise ValueError(f"{where} is a system message: only the first message can be one")
         elif role != expected:
             raise ValueError(f"{where}.role must be {expected!r} (user and assistant take turns, "
                              f"starting with user), got {role!r}")
+        else:
+            expected = "assistant" if role == "user" else "user"
         if role == "user" and not content:
             raise ValueError(f"{where}.content is empty: a user message needs text")
+        chars += len(content)
+        _check_length("messages", chars)
         turns.append((role, content))
     if not turns or turns[-1][0] != "user":
         last = f"messages[{len(turns) - 1}] is {turns[-1][0]!r}" if turns else "messages is empty"
         raise ValueError(f"messages must end with a user message, the one the reply answers: {last}")
-    _check_length("messages", sum(len(content) for _, content in turns))
     return turns
-
-
-def _expected_role(turns: Conversation) -> str:
-    """The role the next message must have after `turns` (a system message aside)."""
-    exchange = [role for role, _ in turns if role != "system"]
-    return "assistant" if exchange and exchange[-1] == "user" else "user"
 
 
 def _check_length(name: str, chars: int) -> None:

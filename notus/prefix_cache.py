@@ -10,13 +10,15 @@ be in flight for a request that just ended, writing position n or n + 1). Then e
 exactly positions 0..m-1 for any prefix m <= n. Once a sequence passes the window, its first
 positions are overwritten (and a new prefix would need all of them): it is not kept.
 
-Slots to reuse are chosen least recently used; a free slot is free whatever it holds, so no request
-ever waits because of a kept cache.
+A slot to overwrite is an empty one, else the least recently used; a free slot is free whatever it
+holds, so no request ever waits because of a kept cache.
 """
 
 from __future__ import annotations
 
 import itertools
+
+MIN_REUSE = 32  # tokens: less is not worth a slot's held sequence (the chat template alone is ~7)
 
 
 class PrefixCache:
@@ -43,21 +45,24 @@ class PrefixCache:
 
     def choose(self, free: list[int], busy: list[int], ids: list[int]) -> tuple[int, int, int | None]:
         """(slot, reused, source) for a new request: the free slot to take, how many of its first
-        ids need no prefill, and the slot to copy them from (None: they are in place)."""
-        best_free = max(free, key=lambda s: (self.reusable(s, ids), self._used[s]))
-        in_place = self.reusable(best_free, ids)
-        source, copied = None, 0
-        for s in busy:  # a free slot holding more would have been best_free
-            n = self.reusable(s, ids)
-            if n > max(in_place, copied):
-                source, copied = s, n
-        if source is None:
-            slot = best_free if in_place else self._least_recently_used(free)
-            return slot, in_place, None
-        slot = self._least_recently_used([s for s in free if s != source] or free)
-        if slot == source:  # the source is the only free slot: reuse it in place
-            return slot, copied, None
-        return slot, copied, source
+        ids need no prefill, and the slot to copy them from (None: they are in place).
+
+        A held prefix counts from MIN_REUSE tokens (every prompt begins with the chat template's few):
+        in place when a free slot holds it, else copied from a busy slot that does. Otherwise, or as
+        the copy's destination, the lowest empty slot, else the least recently used one, so that
+        an unrelated request does not overwrite a conversation while an empty slot is left.
+        """
+        in_place = max(free, key=lambda s: (self.reusable(s, ids), -s))
+        reused = self.reusable(in_place, ids)
+        source = max(busy, key=lambda s: self.reusable(s, ids), default=None)
+        copied = self.reusable(source, ids) if source is not None else 0
+        if reused >= MIN_REUSE and reused >= copied:
+            return in_place, reused, None
+        empty = [s for s in free if not self.held[s]]
+        slot = min(empty) if empty else min(free, key=lambda s: (self._used[s], s))
+        if copied >= MIN_REUSE:
+            return slot, copied, source
+        return slot, 0, None
 
     def taken(self, slot: int, ids: list[int], reused: int) -> None:
         """`slot` now holds `ids[:reused]` and will hold the rest as its prefill goes."""
@@ -76,5 +81,3 @@ class PrefixCache:
         """What `slot` holds is unknown (its request failed): nothing to reuse."""
         self.held[slot] = None
 
-    def _least_recently_used(self, slots: list[int]) -> int:
-        return min(slots, key=lambda s: (self._used[s], s))

@@ -65,7 +65,7 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     return tokenizer
 
 
-@functools.lru_cache(maxsize=64)  # one frame per conversation length: a handful in practice
+@functools.lru_cache(maxsize=16)  # one frame per conversation length: a handful in practice
 def render_frame(chat_template: str, roles: tuple[str, ...], eos_token: str = "</s>") -> str:
     """The template rendered as transformers renders it, for messages of these roles, each content a
     placeholder (message i: `\x00notus-i\x00`), ending with the generation prompt."""

@@ -180,18 +180,20 @@ class Scheduler:
     def _admit(self) -> None:
         while self._free and self._waiting:
             request = self._waiting.popleft()
+            self._prefilling.append(request)  # first: whatever fails below, it fails with the others
             if self.prefixes is None:
-                request.slot = self._free[0]  # the lowest free slot: batch buckets stay small
+                slot, source = self._free[0], None  # the lowest free slot: batch buckets stay small
             else:
-                busy = [r.slot for r in (*self._prefilling, *self._decoding)]
-                request.slot, request.cached, source = self.prefixes.choose(self._free, busy, request.input_ids)
-                if source is not None:  # the prefix's keys and values, copied on the device
-                    self.cache.copy_prefix(source, request.slot, request.cached)
-                self.prefixes.taken(request.slot, request.input_ids, request.cached)
-                request.prefilled = request.cached
-            self._free.remove(request.slot)
+                busy = [r.slot for r in (*self._prefilling, *self._decoding) if r.slot is not None]
+                slot, request.cached, source = self.prefixes.choose(self._free, busy, request.input_ids)
+            self._free.remove(slot)
+            request.slot = slot
             request.admitted_at = time.perf_counter()
-            self._prefilling.append(request)
+            if self.prefixes is not None:
+                if source is not None:  # the prefix's keys and values, copied on the device
+                    self.cache.copy_prefix(source, slot, request.cached)
+                self.prefixes.taken(slot, request.input_ids, request.cached)
+                request.prefilled = request.cached
 
     def _prefill_chunk(self, request: Request) -> None:
         try:

@@ -69,9 +69,15 @@ ASSISTANT = {"role": "assistant", "content": "Hello!"}
          "messages must end with a user message, the one the reply answers: messages[0] is 'system'"),
         ([{"role": "user", "content": "x" * (MAX_PROMPT_CHARS // 2 + 1)}, ASSISTANT,
           {"role": "user", "content": "x" * (MAX_PROMPT_CHARS // 2)}], "messages holds 524,295 characters; at most 524,288"),
+        ([USER, ASSISTANT] * 4097, "messages holds 8,194 messages; at most 8,192 fit the 32,768-token context"),
     ],
 )
 def test_a_malformed_conversation_is_refused_saying_what_and_where(messages, error):
     with pytest.raises(ValueError) as raised:
         conversation(messages=messages)
     assert str(raised.value).startswith(error), str(raised.value)
+
+
+def test_the_longest_conversation_that_can_fit_is_checked_in_one_pass():
+    messages = [USER, ASSISTANT] * 4095 + [USER]  # 8,191 messages, a few characters each
+    assert len(conversation(messages=messages)) == 8191

@@ -50,7 +50,7 @@ def test_the_next_turn_of_a_conversation_reuses_the_last_and_gives_the_same_toke
     reusing, plain = engines
     first = long_prompt(reusing, 900 if settings["temperature"] else 901)
     reply, stats = run(reusing, first, max_tokens=20, min_tokens=20, **settings)
-    assert stats.cached_input_token_count <= 1  # nothing of it held yet (but maybe <s>)
+    assert stats.cached_input_token_count == 0  # nothing of it held yet
     # The next turn: the whole first exchange (the reply's last token was never fed) and a new question.
     follow_up = first + reply + long_prompt(reusing, 60)[1:]
     again, stats = run(reusing, follow_up, max_tokens=20, **settings)
@@ -97,7 +97,7 @@ def test_reuse_across_the_window_gives_the_same_tokens_and_a_wrapped_ring_is_not
     # That sequence passed the window: its first positions are overwritten, nothing of it is reused.
     longest = longer + tokens + long_prompt(reusing, 100)[1:]
     tokens, stats = run(reusing, longest, max_tokens=20, **SAMPLED)
-    assert stats.cached_input_token_count <= 1  # at most the <s> another slot begins with
+    assert stats.cached_input_token_count == 0
     assert tokens == run(plain, longest, max_tokens=20, **SAMPLED)[0]
 
 
@@ -128,18 +128,37 @@ def test_the_ring_rule_a_sequence_is_reusable_until_it_nearly_wraps():
     assert cache.reusable(0, [7, 7, 7]) == 2
 
 
-def test_choose_in_place_else_a_copy_else_the_least_recently_used_slot():
-    cache = PrefixCache(slots=4, window=100)
-    for slot, ids in enumerate([[1, 2, 3], [1, 2, 9], [5, 6, 7]]):
+def test_choose_in_place_else_a_copy_else_an_empty_slot_else_the_least_recently_used():
+    cache = PrefixCache(slots=5, window=1000)
+    a, b, c = list(range(100)), list(range(50)) + [-1] * 50, [7] * 100
+    for slot, ids in enumerate([a, b, c]):
         cache.taken(slot, ids, 0)
         cache.extend(slot, ids)
     # In place: the free slot that holds the longest prefix.
-    assert cache.choose(free=[0, 1, 2, 3], busy=[], ids=[1, 2, 3, 4]) == (0, 3, None)
-    # A busy slot holds more: copied into the least recently used free slot (3 was never used).
-    assert cache.choose(free=[1, 2, 3], busy=[0], ids=[1, 2, 3, 4]) == (3, 3, 0)
-    # Nothing to reuse: the least recently used free slot.
-    cache.taken(3, [8], 0)
-    assert cache.choose(free=[1, 2, 3], busy=[0], ids=[4, 4]) == (1, 0, None)
+    assert cache.choose(free=[0, 1, 2, 3, 4], busy=[], ids=a + [5]) == (0, 100, None)
+    # A busy slot holds it: copied into the lowest empty free slot.
+    assert cache.choose(free=[1, 2, 3, 4], busy=[0], ids=a + [5]) == (3, 100, 0)
+    # Only the chat template's few tokens in common: not worth a held conversation, an empty slot.
+    assert cache.choose(free=[0, 1, 2, 3, 4], busy=[], ids=a[:10] + [9] * 90) == (3, 0, None)
+    # No empty slot left: the least recently used.
+    for slot in (3, 4):
+        cache.taken(slot, c, 0)
+        cache.extend(slot, c)
+    assert cache.choose(free=[0, 1, 2, 3, 4], busy=[], ids=[9] * 100) == (0, 0, None)
+
+
+def test_an_unrelated_request_leaves_a_held_conversation_alone_while_a_slot_is_empty(engine):
+    """Every prompt begins with the same template tokens; that must not cost a conversation its cache."""
+    reusing = Engine(engine.model, engine.prompt, slots=4, reuse=True)
+    try:
+        first = engine.prompt.conversation_ids([("user", "word " * 400)])
+        reply, _ = run(reusing, first, max_tokens=10, min_tokens=10)
+        run(reusing, engine.prompt.conversation_ids([("user", "Something else entirely.")]), max_tokens=3)
+        follow_up = first + reply + [engine.prompt.eos_id] + engine.prompt.tokenizer.encode("\n<|user|>\nMore.").ids
+        _, stats = run(reusing, follow_up, max_tokens=3)
+        assert stats.cached_input_token_count == len(first) + len(reply) - 1
+    finally:
+        reusing.scheduler.close()
 
 
 def test_the_conversation_benchmark_runs_and_reports_both_engines(tmp_path):
