@@ -227,7 +227,6 @@ class Engine:
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, min_tokens=params.min_tokens, seed=seed,
         ))
-        submitted = time.perf_counter()
         try:  # submitted inside the try: a cancel landing anywhere after this line still stops it
             self.scheduler.submit(request)
             ended = False
@@ -235,7 +234,8 @@ class Engine:
                 await arrived.wait()
                 arrived.clear()
                 if stats is not None and request.admitted_at is not None:
-                    stats.time_in_queue = request.admitted_at - submitted
+                    # Waiting for a slot, not for the engine's turn to take the request in.
+                    stats.time_in_queue = request.admitted_at - request.queued_at
                     stats.cached_input_token_count = request.cached
                 batch = []
                 while request.tokens:

@@ -7,9 +7,10 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
 2. gives free slots to waiting requests, oldest first: where a slot still holds the start of the
    prompt (a finished request's keys and values stay until the slot is needed), its prefill starts
    where they diverge, in that slot or from a copy into another (notus/prefix_cache.py);
-3. runs ONE prefill chunk (CHUNK tokens) of the oldest request being prefilled, so a long prompt
-   stalls the others by one chunk at most, and a cancel is seen between chunks; its last chunk
-   samples its first token and the request joins the decoding batch;
+3. runs ONE prefill chunk (CHUNK tokens) of the request with the least prompt left to prefill, so
+   a long prompt stalls the decoding batch and any shorter prompt by one chunk at most, and a
+   cancel is seen between chunks; its last chunk samples its first token and the request joins
+   the decoding batch;
 4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots), replayed
    on the GPU from the CUDA graph of its batch and length bucket (one covering every row's
    position); eager (the CPU), each row's attention reads just its own length;
@@ -61,6 +62,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)  # set by the engine thread
     error: BaseException | None = None
     # The engine thread's bookkeeping.
+    queued_at: float | None = None  # perf_counter() when the engine thread took it in
     admitted_at: float | None = None  # perf_counter() when it got a slot
     slot: int | None = None
     cached: int = 0  # prompt tokens whose keys and values were already in the cache (notus/prefix_cache.py)
@@ -146,7 +148,9 @@ class Scheduler:
         self._drop_stopped()
         self._admit()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            # The one with the least prompt left, the oldest of equals: a short prompt behind a long
+            # one waits for one chunk at most, and long ones go on whenever no short one waits.
+            self._prefill_chunk(min(self._prefilling, key=lambda r: len(r.input_ids) - r.prefilled))
         launched = self._decode_step()
         self._hand_out(keep_newest=launched)
 
@@ -170,6 +174,7 @@ class Scheduler:
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     future.set_exception(e)
             else:
+                item.queued_at = time.perf_counter()
                 self._waiting.append(item)
 
     def _drop_stopped(self) -> None:

@@ -310,3 +310,51 @@ def test_a_request_from_start_to_end_writes_no_python_number_into_a_device_tenso
     finally:
         engine.scheduler.call(lambda: counter.__exit__(None, None, None))
     assert len(tokens) == 6 and counter.count == 0
+
+
+def test_a_short_prompt_behind_a_long_one_waits_for_one_chunk_at_most(engine, monkeypatch):
+    """Prefill runs the prompt with the least left first: the short one's chunk comes right after
+    the long one's chunk in progress, not after the whole long prompt."""
+    long, short = long_prompt(engine, 9 * CHUNK), long_prompt(engine, 5)
+    calls = []
+    prefill = engine.scheduler.forward.prefill
+
+    def recording(slot, ids, start):
+        calls.append(ids.shape[0])
+        return prefill(slot, ids, start)
+
+    monkeypatch.setattr(engine.scheduler.forward, "prefill", recording)
+
+    async def both():
+        long_request = asyncio.ensure_future(ids_of(engine, long, max_tokens=1))
+        while len(calls) < 2:  # the long prompt is being prefilled
+            await asyncio.sleep(0.001)
+        submitted_after = len(calls)
+        await ids_of(engine, short, max_tokens=1)
+        await long_request
+        return submitted_after
+
+    submitted_after = asyncio.run(both())
+    short_call = calls.index(len(short))
+    assert short_call - submitted_after <= 1, calls  # at most the chunk that was running
+    assert sum(n for n in calls if n != len(short)) == len(long)
+
+
+def test_time_in_queue_is_the_wait_for_a_slot_not_for_the_engines_turn(engine):
+    """With slots free, a request waits for none, however long the engine's turns (here the prefill
+    chunks of a long prompt, submitted first): time_in_queue stays near 0."""
+    async def run(ids):
+        stats = GenerationStats()
+        async for _ in engine._generate_ids(ids, SamplingParams(max_tokens=2), 0, stats):
+            pass
+        return stats.time_in_queue
+
+    async def scenario():
+        long_request = asyncio.ensure_future(run(long_prompt(engine, 9 * CHUNK)))
+        await asyncio.sleep(0.2)  # its prefill runs: each engine turn takes a chunk's time
+        waits = await asyncio.gather(*(run(long_prompt(engine, 40 + i)) for i in range(3)))
+        await long_request
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert all(wait < 0.01 for wait in waits), waits
