@@ -60,6 +60,7 @@ from notus.loading import load_model, pick_dtype  # noqa: E402
 from notus.params import SamplingParams  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_small_files, write_tiny  # noqa: E402
+from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
 
 
@@ -356,6 +357,7 @@ def main() -> None:
         "weight_bytes_per_token": bytes_per_token,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "setup_seconds": setup_seconds,
+        "decode_step_ops": decode_step_ops(engine.scheduler),
         "results": results,
         "streams": streams,
     }
@@ -399,6 +401,9 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {row['prompt_tokens']} | **ratio** | baseline / project = "
                      f"{row['baseline_over_project_ttft']:.2f} | project / baseline = "
                      f"{row['project_over_baseline_decode']:.2f} | | |")
+    ops = report["decode_step_ops"]
+    lines += ["", f"A decode step launches {ops['total']} operations: {ops['per_layer']} per layer, "
+                  f"{ops['outside']} outside the layers (scripts/op_count.py)."]
     if report["streams"]:
         lines += ["", "| streams | prompts | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
