@@ -316,8 +316,9 @@ def test_a_request_from_start_to_end_writes_no_python_number_into_a_device_tenso
 
 def test_a_short_prompt_behind_a_long_one_waits_for_one_chunk_at_most(engine, monkeypatch):
     """Prefill runs the prompt with the least left first: the short one's chunk comes right after
-    the long one's chunk in progress, not after the whole long prompt."""
-    long, short = long_prompt(engine, 9 * CHUNK), long_prompt(engine, 5)
+    the long one's chunk in progress, not after the whole long prompt (4 chunks: past the window,
+    so it is not kept for reuse)."""
+    long, short = long_prompt(engine, 4 * CHUNK), long_prompt(engine, 5)
     calls = []
     prefill = engine.scheduler.forward.prefill
 
@@ -352,8 +353,8 @@ def test_time_in_queue_is_the_wait_for_a_slot_not_for_the_engines_turn(engine):
         return stats.time_in_queue
 
     async def scenario():
-        long_request = asyncio.ensure_future(run(long_prompt(engine, 9 * CHUNK)))
-        await asyncio.sleep(0.2)  # its prefill runs: each engine turn takes a chunk's time
+        long_request = asyncio.ensure_future(run(long_prompt(engine, 4 * CHUNK + 1)))
+        await asyncio.sleep(0.05)  # its prefill runs: each engine turn takes a chunk's time
         waits = await asyncio.gather(*(run(long_prompt(engine, 40 + i)) for i in range(3)))
         await long_request
         return waits
