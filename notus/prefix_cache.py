@@ -52,10 +52,11 @@ class PrefixCache:
         the copy's destination, the lowest empty slot, else the least recently used one, so that
         an unrelated request does not overwrite a conversation while an empty slot is left.
         """
-        in_place = max(free, key=lambda s: (self.reusable(s, ids), -s))
-        reused = self.reusable(in_place, ids)
-        source = max(busy, key=lambda s: self.reusable(s, ids), default=None)
-        copied = self.reusable(source, ids) if source is not None else 0
+        held = {s: self.reusable(s, ids) for s in (*free, *busy)}  # each prefix compared once
+        in_place = max(free, key=lambda s: (held[s], -s))
+        reused = held[in_place]
+        source = max(busy, key=held.__getitem__, default=None)
+        copied = held[source] if source is not None else 0
         if reused >= MIN_REUSE and reused >= copied:
             return in_place, reused, None
         empty = [s for s in free if not self.held[s]]
