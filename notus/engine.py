@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 
 from notus.capacity import kv_budget_bytes, plan_slots
 from notus.forward import KVCache
+from notus.layers import layer_weights
 from notus.loading import load_model
 from notus.messages import Conversation, conversation
 from notus.params import SamplingParams
@@ -108,6 +109,8 @@ class Engine:
         prompt = ChatPrompt(tokenizer, template)
         log.info("tokenizer loaded in %.2f s", time.perf_counter() - t0)
         model = load_model(weights_dir, device)
+        for layer in model.model.layers:  # q/k/v and gate/up merged now, before the KV cache takes what is left
+            layer_weights(layer)
         per_slot = KVCache.bytes_per_slot(model.config, model.dtype)
         slots = plan_slots(admitted, per_slot, kv_budget_bytes(model.device))
         return cls(model, prompt, slots=slots, cuda_graphs=cuda_graphs)

@@ -3,8 +3,8 @@
 The weights are transformers' (MistralForCausalLM, loaded as usual); only the loop over its
 modules is ours, so the cache is plain tensors:
 
-- One ring of `window` (4,096) entries per slot and layer, [layers, slots + 1, kv_heads, window,
-  head_dim]. Position p lives at p % window, so the ring always holds exactly notus's sliding
+- One ring of `window` (4,096) entries per slot and layer, keys and values side by side: [layers,
+  2, slots + 1, kv_heads, window, head_dim]. Position p lives at p % window, so the ring always holds exactly notus's sliding
   window: nothing rolls, nothing is allocated per step. The extra last slot is scratch: rows of a
   batch bucket that are not decoding write there, so they never touch a live sequence.
 - Decode: one token for each of the first `batch` slots at their own positions (device tensors).
@@ -28,7 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+from notus.layers import RotaryTable, layer_weights, rest_of_layer, rotated_qkv
 
 
 # SDPA's kernel for each use on CUDA. FlashAttention takes grouped-query heads but no mask; the
@@ -52,16 +53,15 @@ def attention_kernel(use: str, cache: KVCache):
 class KVCache:
     def __init__(self, config, slots: int, device: torch.device, dtype: torch.dtype):
         layers, kv_heads, self.window, self.head_dim = self.slot_shape(config)
-        shape = (layers, slots + 1, kv_heads, self.window, self.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Keys and values in one tensor, side by side per layer, so a decode step writes both in one op.
+        self.kv = torch.zeros((layers, 2, slots + 1, kv_heads, self.window, self.head_dim), device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: [layers, slots + 1, kv_heads, window, head_dim]
         self.scratch = slots
 
     def copy_prefix(self, source: int, slot: int, n: int) -> None:
         """Ring entries 0..n-1 of every layer, keys and values, from slot `source` to `slot` (on the
         device, after the work already queued)."""
-        self.k[:, slot, :, :n] = self.k[:, source, :, :n]
-        self.v[:, slot, :, :n] = self.v[:, source, :, :n]
+        self.kv[:, :, slot, :, :n] = self.kv[:, :, source, :, :n]
 
     @staticmethod
     def slot_shape(config) -> tuple[int, int, int, int]:
@@ -77,14 +77,23 @@ class KVCache:
 
 
 class Forward:
-    """Prefill chunks and batched decode steps of `model` over `cache`."""
+    """Prefill chunks and batched decode steps of `model` over `cache` (the layers: notus/layers.py)."""
 
     def __init__(self, model, cache: KVCache):
         self.model, self.cache = model, cache
         config = model.config
-        self.groups = config.num_attention_heads // config.num_key_value_heads
-        self.layers = model.model.layers
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.groups = self.heads // self.kv_heads
+        self.head_dim = cache.head_dim
+        self.scale = model.model.layers[0].self_attn.scaling
+        self.weights = [layer_weights(layer) for layer in model.model.layers]
+        self.rotary = RotaryTable(model, self.heads, self.kv_heads)
+        self.embedding = model.model.embed_tokens.weight
+        self.final_norm, self.eps = model.model.norm.weight, model.model.norm.variance_epsilon
         self.lm_head = _packed_lm_head(model, cache.scratch) or model.lm_head
+        device = cache.kv.device
+        self.rows = torch.arange(cache.scratch, device=device)  # a decode step's row r is slot r
+        self.entries = torch.arange(cache.window, device=device)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
@@ -98,25 +107,25 @@ class Forward:
         """
         batch = tokens.shape[0]
         cache = self.cache
-        rows = torch.arange(batch, device=tokens.device)
-        write_slot = torch.where(active, rows, cache.scratch)
+        write_slot = torch.where(active, self.rows[:batch], cache.scratch)
         write_at = positions % cache.window
         if isinstance(lengths, int):
-            visible = (torch.arange(lengths, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        x = self.model.model.embed_tokens(tokens)[:, None, :]
-        cos, sin = self.model.model.rotary_emb(x, positions[:, None])
+            visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
+        x = F.embedding(tokens, self.embedding)
+        rotation = self.rotary.for_qkv(positions)
         with attention_kernel("decode", cache):
-            for i, layer in enumerate(self.layers):
-                q, k, v = self._qkv(layer, x, cos, sin)
-                cache.k[i][write_slot, :, write_at] = k[:, :, 0]
-                cache.v[i][write_slot, :, write_at] = v[:, :, 0]
+            for i, w in enumerate(self.weights):
+                qkv = rotated_qkv(w, x, rotation, self.head_dim)
+                # k and v side by side: one write for both, at each row's slot and ring entry.
+                cache.kv[i][:, write_slot, :, write_at] = qkv[:, self.heads :].view(batch, 2, self.kv_heads, -1)
+                q = qkv[:, : self.heads]
                 if isinstance(lengths, int):
-                    out = self._attend(layer, q, cache.k[i][:batch, :, :lengths], cache.v[i][:batch, :, :lengths], visible)
+                    out = self._attend(q, cache.k[i][:batch, :, :lengths], cache.v[i][:batch, :, :lengths], visible)
                 else:
-                    out = torch.cat([self._attend(layer, q[r : r + 1], cache.k[i][r : r + 1, :, :n],
+                    out = torch.cat([self._attend(q[r : r + 1], cache.k[i][r : r + 1, :, :n],
                                                   cache.v[i][r : r + 1, :, :n], None) for r, n in enumerate(lengths)])
-                x = self._rest_of_layer(layer, x, out)
-        return self.lm_head(self.model.model.norm(x[:, -1]))
+                x = rest_of_layer(w, x, out)
+        return self.lm_head(F.rms_norm(x, x.shape[-1:], self.final_norm, self.eps))
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -124,9 +133,9 @@ class Forward:
 
         The chunk must be at most the window long; earlier chunks of the same sequence went first.
         """
-        cache, window, chunk = self.cache, self.cache.window, ids.shape[0]
+        cache, window = self.cache, self.cache.window
         device = ids.device
-        positions = torch.arange(start, start + chunk, device=device)
+        positions = torch.arange(start, start + ids.shape[0], device=device)
         held = min(start, window)  # ring entries holding earlier positions
         ring = torch.arange(held, device=device)
         # The position each ring entry holds: the latest p < start with p % window == entry.
@@ -137,21 +146,22 @@ class Forward:
             visible = ((distance >= 0) & (distance < window))[None, None]  # causal, within the window
         else:
             visible = None  # a first chunk (no longer than the window): plainly causal, no mask to build
-        x = self.model.model.embed_tokens(ids)[None]
-        cos, sin = self.model.model.rotary_emb(x, positions[None])
+        x = F.embedding(ids, self.embedding)
+        rotation = self.rotary.for_qkv(positions)
         use = "prefill, first chunk (causal)" if visible is None else "prefill, later chunk (masked)"
         with attention_kernel(use, cache):
-            for i, layer in enumerate(self.layers):
-                x = self._prefill_layer(i, layer, x, cos, sin, slot, held, positions, visible)
-        return self.lm_head(self.model.model.norm(x[:, -1]))
+            for i, w in enumerate(self.weights):
+                x = self._prefill_layer(i, w, x, rotation, slot, held, positions, visible)
+        return self.lm_head(F.rms_norm(x[-1:], x.shape[-1:], self.final_norm, self.eps))
 
-    def _prefill_layer(self, i, layer, x, cos, sin, slot, held, positions, visible):
-        cache, chunk = self.cache, x.shape[1]
-        q, k, v = self._qkv(layer, x, cos, sin)
-        keys = torch.cat([cache.k[i][slot, :, :held][None], k], dim=2)
-        values = torch.cat([cache.v[i][slot, :, :held][None], v], dim=2)
-        cache.k[i][slot][:, positions % cache.window] = k[0]
-        cache.v[i][slot][:, positions % cache.window] = v[0]
+    def _prefill_layer(self, i, w, x, rotation, slot, held, positions, visible):
+        cache, chunk = self.cache, x.shape[0]
+        qkv = rotated_qkv(w, x, rotation, self.head_dim)
+        q = qkv[:, : self.heads].transpose(0, 1)[None]  # [1, heads, chunk, d]
+        kv = qkv[:, self.heads :].view(chunk, 2, self.kv_heads, -1).permute(1, 2, 0, 3)  # [2, kv_heads, chunk, d]
+        keys = torch.cat([cache.k[i][slot, :, :held], kv[0]], dim=1)[None]
+        values = torch.cat([cache.v[i][slot, :, :held], kv[1]], dim=1)[None]
+        cache.kv[i][:, slot][:, :, positions % cache.window] = kv
         # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
         # reads each KV head once for its query heads (enable_gqa). With a mask, the fused kernel that
         # takes it does not take grouped heads: the KV heads are repeated, as transformers' SDPA
@@ -160,36 +170,20 @@ class Forward:
             keys = keys.repeat_interleave(self.groups, dim=1)
             values = values.repeat_interleave(self.groups, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
-                                             scale=layer.self_attn.scaling, enable_gqa=visible is None)
-        return self._rest_of_layer(layer, x, out.transpose(1, 2).reshape(1, chunk, -1))
+                                             scale=self.scale, enable_gqa=visible is None)
+        return rest_of_layer(w, x, out[0].transpose(0, 1).reshape(chunk, -1))
 
-    def _qkv(self, layer, x, cos, sin):
-        """Queries [b, heads, t, d], keys and values [b, kv_heads, t, d], rotated."""
-        attention = layer.self_attn
-        h = layer.input_layernorm(x)
-        shape = (*x.shape[:2], -1, attention.head_dim)
-        q = attention.q_proj(h).view(shape).transpose(1, 2)
-        k = attention.k_proj(h).view(shape).transpose(1, 2)
-        v = attention.v_proj(h).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
-
-    def _attend(self, layer, q, keys, values, visible):
-        """One query per row: q [b, heads, 1, d] over keys/values [b, kv_heads, length, d]; visible
-        [b, 1, 1, length], or None when every entry is.
+    def _attend(self, q, keys, values, visible):
+        """One query per row: q [b, heads, d] over keys/values [b, kv_heads, length, d]; visible
+        [b, 1, 1, length], or None when every entry is. Returns [b, heads x d].
 
         The query heads sharing a KV head go along the query axis ([b, kv_heads, groups, d]), so
         SDPA reads each K/V once, in place, instead of a copy repeated per query head.
         """
-        b, heads, _, d = q.shape
-        folded = q.reshape(b, keys.shape[1], self.groups, d)
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, scale=layer.self_attn.scaling)
-        return out.reshape(b, 1, heads * d)
-
-    @staticmethod
-    def _rest_of_layer(layer, x, attention_out):
-        x = x + layer.self_attn.o_proj(attention_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        b = q.shape[0]
+        folded = q.reshape(b, self.kv_heads, self.groups, self.head_dim)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, scale=self.scale)
+        return out.reshape(b, -1)
 
 
 def _packed_lm_head(model, batch: int):

@@ -30,16 +30,16 @@ def decode_step_ops(scheduler, batch: int = 4, length: int = 256) -> dict:
     """{"total", "per_layer", "outside"} for one graph-shaped decode step of `batch` rows (run on the
     engine thread; no request may be in flight). The step writes only to the scratch slot."""
     forward = scheduler.forward
-    layers = forward.layers
+    layers = forward.weights
 
     def count(n_layers: int) -> int:
         counter = _Counter()
-        forward.layers = layers[:n_layers]
+        forward.weights = layers[:n_layers]
         try:
             with counter:
                 scheduler._step(batch, length)
         finally:
-            forward.layers = layers
+            forward.weights = layers
         return len(counter.ops)
 
     total, fewer = scheduler.call(lambda: (count(len(layers)), count(len(layers) - 1)))

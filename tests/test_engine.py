@@ -107,26 +107,31 @@ def test_metrics(engine):
 
 
 class ForwardCounter:
-    """Counts the model's forward passes (prefill chunks and decode steps: each ends in the final norm)."""
+    """Counts the engine's forward passes (prefill chunks and decode steps) and the threads they ran on."""
 
-    def __init__(self, model):
+    def __init__(self, engine):
         self.calls, self.threads = 0, set()
-        self._handle = model.model.norm.register_forward_pre_hook(self._count)
+        self._forward = engine.scheduler.forward
+        for name in ("prefill", "decode"):
+            setattr(self._forward, name, self._counted(getattr(self._forward, name)))
 
-    def _count(self, module, args):
-        self.calls += 1
-        self.threads.add(threading.current_thread().ident)
+    def _counted(self, method):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            self.threads.add(threading.current_thread().ident)
+            return method(*args, **kwargs)
+        return counted
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._handle.remove()
+        del self._forward.prefill, self._forward.decode  # the class's methods again
 
 
 def test_prompt_too_long_fails_before_generating(engine):
     prompt = "hello " * 33000
-    with ForwardCounter(engine.model) as forwards, pytest.raises(ValueError) as error:
+    with ForwardCounter(engine) as forwards, pytest.raises(ValueError) as error:
         reply(engine, prompt, max_tokens=10)
     n = len(engine.prompt.ids("", prompt))
     assert f"{n:,} tokens" in str(error.value) and "32,768" in str(error.value)
@@ -178,7 +183,7 @@ def test_leaving_the_stream_stops_the_model(engine):
             pieces += 1
             if pieces == 5:
                 break
-        with ForwardCounter(engine.model) as forwards:
+        with ForwardCounter(engine) as forwards:
             t0 = time.perf_counter()
             await stream.aclose()
             assert time.perf_counter() - t0 < 2
