@@ -31,6 +31,14 @@ turn of a 3,000-token conversation and 8 callers sharing a 2,000-token system pr
 reuse and without, in one run.
 
     python scripts/benchmark.py --tiny --conversation --reps 3   # CPU
+
+With --versus-transformers N [N ...], only issue 21's comparison (scripts/versus_transformers.py): for
+each N, N random prompts of the first --prompt-lengths' tokens (128 by default), greedy, exactly --new-tokens each,
+through the engine, through model.generate as one batch and through model.generate_batch
+(transformers' continuous batching), on the same model: aggregate output tokens/s of each, project
+over each and over the better of the two, and each path over its own 1 stream.
+
+    python scripts/benchmark.py --tiny --versus-transformers 1 8 32 --new-tokens 64 --prompt-lengths 128 --reps 3
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_small_files, write_tiny  # noqa: E402
 from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
+from versus_transformers import add_scaling, versus_row, versus_table  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
@@ -245,6 +254,11 @@ def write_report(out: Path, name: str, report: dict) -> Path:
     return path
 
 
+def random_prompt(engine: Engine, length: int, generator: torch.Generator) -> list[int]:
+    """BOS, then ordinary vocabulary: the same kind of ids for every path."""
+    return [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     at = (len(ordered) - 1) * q
@@ -299,6 +313,9 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="the project path without CUDA graphs")
     parser.add_argument("--conversation", action="store_true",
                         help="only the KV-cache reuse workloads (scripts/reuse_benchmark.py), with and without reuse")
+    parser.add_argument("--versus-transformers", type=int, nargs="+", metavar="N",
+                        help="only N greedy streams through the engine, model.generate and model.generate_batch, "
+                             "e.g. 1 8 32 (scripts/versus_transformers.py)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
@@ -307,23 +324,21 @@ def main() -> None:
     tokenizer, template = load_tokenizer(tokenizer_dir(args.weights))
     if args.conversation:
         return conversation_mode(model, ChatPrompt(tokenizer, template), description, args)
-    engine = Engine(model, ChatPrompt(tokenizer, template), slots=max([DEFAULT_SLOTS, *args.streams]),
+    engine = Engine(model, ChatPrompt(tokenizer, template),
+                    slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or [])]),
                     cuda_graphs=False if args.no_graphs else None)
     engine.warm_up()
+    if args.versus_transformers:
+        return versus_mode(engine, description, args)
     setup_seconds = time.perf_counter() - t0
 
     device = engine.device.type
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = copy_bandwidth(device)
     generator = torch.Generator().manual_seed(0)
-
-    def random_prompt(length: int) -> list[int]:
-        # BOS, then ordinary vocabulary: the same kind of ids for every path.
-        return [engine.prompt.bos_id] + torch.randint(1000, 31000, (length - 1,), generator=generator).tolist()
-
     results = []
     for length in args.prompt_lengths:
-        ids = random_prompt(length)
+        ids = random_prompt(engine, length, generator)
         row = {"prompt_tokens": length}
         for name, run in (("baseline", run_baseline), ("project", run_project)):
             row[name] = measure(name, run, engine, ids, args)
@@ -341,7 +356,8 @@ def main() -> None:
         # The same mix of prompt lengths for every N, at least one of each: 1 stream serves the
         # mix one request after another, so each ratio measures batching, not a lighter workload.
         count = max(n, len(args.prompt_lengths))
-        prompts = [random_prompt(args.prompt_lengths[i % len(args.prompt_lengths)]) for i in range(count)]
+        prompts = [random_prompt(engine, args.prompt_lengths[i % len(args.prompt_lengths)], generator)
+                   for i in range(count)]
         run_streams(engine, prompts, n, 8)  # warm-up: the same batch shapes, briefly
         streams.append(run_streams(engine, prompts, n, args.new_tokens))
         streams[-1]["aggregate_over_first"] = streams[-1]["aggregate_tokens_per_second"] / streams[0]["aggregate_tokens_per_second"]
@@ -376,6 +392,19 @@ def conversation_mode(model, prompt: ChatPrompt, description: str, args) -> None
     path = write_report(args.out, f"conversation-{model.device.type}", report)
     print(f"{description} on {report['device']} (torch {report['torch']}): KV-cache reuse, median of {args.reps}")
     print(conversation_table(report))
+    print(f"wrote {path}")
+
+
+def versus_mode(engine: Engine, description: str, args) -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows = [versus_row(engine, [random_prompt(engine, args.prompt_lengths[0], generator) for _ in range(n)],
+                       args.new_tokens, args.reps) for n in args.versus_transformers]
+    add_scaling(rows)
+    device = engine.device.type
+    report = {"model": description, **run_facts(device), "cuda_graphs": len(engine.scheduler.graphs),
+              "slots": engine.scheduler.slots, "reps": args.reps, "versus_transformers": rows}
+    path = write_report(args.out, f"versus-transformers-{device}", report)
+    print(versus_table(report))
     print(f"wrote {path}")
 
 

@@ -249,6 +249,31 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
 
 
+def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path):
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--reps", "1",
+         "--versus-transformers", "1", "3", "--prompt-lengths", "16", "--new-tokens", "8", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (result_file,) = tmp_path.glob("versus-transformers-cpu-*.json")
+    report = json.loads(result_file.read_text())
+    assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
+    rows = report["versus_transformers"]
+    assert [(r["streams"], r["prompt_tokens"], r["new_tokens_each"]) for r in rows] == [(1, 16, 8), (3, 16, 8)]
+    for r in rows:
+        for path in ("project", "static", "continuous"):
+            assert r[path]["tokens"] == r["streams"] * 8 and r[path]["torch_threads"] == 1
+            assert r[path]["aggregate_tokens_per_second"] == pytest.approx(r[path]["tokens"] / r[path]["wall_seconds"])
+            assert r[path]["over_one_stream"] == pytest.approx(
+                r[path]["aggregate_tokens_per_second"] / rows[0][path]["aggregate_tokens_per_second"])
+        project = r["project"]["aggregate_tokens_per_second"]
+        assert r["project_over_static"] == pytest.approx(project / r["static"]["aggregate_tokens_per_second"])
+        assert r["project_over_continuous"] == pytest.approx(project / r["continuous"]["aggregate_tokens_per_second"])
+        assert r["project_over_best"] == pytest.approx(min(r["project_over_static"], r["project_over_continuous"]))
+        # Both of transformers' paths run the same greedy generation: in float32, the same tokens.
+        assert r["continuous_ids_equal_static"]
+
+
 def test_greedy_parity_script_finds_full_agreement_in_float32(tmp_path):
     """scripts/greedy_parity.py, the GPU issue's parity check, run on the CPU: float32 agrees everywhere."""
     subprocess.run([sys.executable, str(REPO / "scripts" / "greedy_parity.py"), "--tiny", "--device", "cpu",
