@@ -10,7 +10,8 @@ modules is ours, so the cache is plain tensors:
 - Decode: one token for each of the first `batch` slots at their own positions (device tensors).
   A CUDA graph has one shape, so there every row attends over the first `length` ring entries (a
   bucket covering every decoding sequence, masked per row); eager (the CPU), each row reads just
-  its own filled entries, so short sequences beside long ones don't read the long ones' length.
+  its own filled entries when lengths are far apart (short sequences beside long ones don't read
+  the long ones' length), and rows of similar lengths share one masked call.
   Grouped-query attention folds the 4 query heads of each KV head into the query axis, so K and V
   are read in place, never repeated.
 - Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
@@ -63,6 +64,14 @@ class KVCache:
         device, after the work already queued)."""
         self.kv[:, :, slot, :, :n] = self.kv[:, :, source, :, :n]
 
+    def swap(self, a: int, b: int, n: int) -> None:
+        """Ring entries 0..n-1 of slots `a` and `b` exchanged, every layer (on the device, after the
+        work already queued; one layer at a time, so the temporary copy stays small)."""
+        for layer in self.kv:
+            held = layer[:, a, :, :n].clone()
+            layer[:, a, :, :n] = layer[:, b, :, :n]
+            layer[:, b, :, :n] = held
+
     @staticmethod
     def slot_shape(config) -> tuple[int, int, int, int]:
         """One slot's K (or V): layers, KV heads, the sliding window, head dim."""
@@ -107,6 +116,10 @@ class Forward:
         """
         batch = tokens.shape[0]
         cache = self.cache
+        if not isinstance(lengths, int) and batch > 1 and batch * max(lengths) <= 2 * sum(lengths):
+            # Rows of similar lengths: one masked call over the longest reads at most twice what is
+            # live, and costs less than a call per row (each row's own, for lengths far apart).
+            lengths = max(lengths)
         write_slot = torch.where(active, self.rows[:batch], cache.scratch)
         write_at = positions % cache.window
         if isinstance(lengths, int):

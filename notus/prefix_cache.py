@@ -82,3 +82,7 @@ class PrefixCache:
         """What `slot` holds is unknown (its request failed): nothing to reuse."""
         self.held[slot] = None
 
+    def swap(self, a: int, b: int) -> None:
+        """Slots `a` and `b` exchanged their rings (the engine moved a request down)."""
+        self.held[a], self.held[b] = self.held[b], self.held[a]
+        self._used[a], self._used[b] = self._used[b], self._used[a]

@@ -113,6 +113,11 @@ class Sampler:
         self.seen[slot].fill_(False)
         self.seen[slot].index_fill_(0, prompt_ids, True)
 
+    def move(self, source: int, target: int) -> None:
+        """Slot `source`'s request now runs in slot `target`: its settings and state go with it."""
+        for state in (*(getattr(self, f.name) for f in fields(RowSettings)), self.generated, self.counts, self.seen):
+            state[target].copy_(state[source])
+
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, active: torch.Tensor | None = None,
                candidates: int | None = None, penalties: bool = True) -> torch.Tensor:
         """The next token of each row (`logits` [n, vocab] for `slots` [n], overwritten if float32:

@@ -11,7 +11,8 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
    a long prompt stalls the decoding batch and any shorter prompt by one chunk at most, and a
    cancel is seen between chunks; its last chunk samples its first token and the request joins
    the decoding batch;
-4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots), replayed
+4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots: requests move
+   down into slots freed below them, so the bucket covers just the requests in flight), replayed
    on the GPU from the CUDA graph of its batch and length bucket (one covering every row's
    position); eager (the CPU), each row's attention reads just its own length;
 5. hands out the tokens of the previous step: the host reads tokens one step behind, so the GPU
@@ -147,6 +148,7 @@ class Scheduler:
     def _turn(self) -> None:
         self._drop_stopped()
         self._admit()
+        self._compact()
         if self._prefilling:
             # The one with the least prompt left, the oldest of equals: a short prompt behind a long
             # one waits for one chunk at most, and long ones go on whenever no short one waits.
@@ -199,6 +201,35 @@ class Scheduler:
                     self.cache.copy_prefix(source, slot, request.cached)
                 self.prefixes.taken(slot, request.input_ids, request.cached)
                 request.prefilled = request.cached
+
+    def _compact(self) -> None:
+        """Active rows first: while a free slot lies below an occupied one, the highest occupied
+        request moves down into it, so a decode step's batch bucket covers just the requests in
+        flight (one request left in slot 20 would otherwise make every step compute and read 32
+        rows). The move is on the device, ordered after the step in flight; the free slot's held
+        prefix (a finished conversation) moves up in exchange, so it stays reusable."""
+        occupied = {r.slot: r for r in (*self._prefilling, *self._decoding) if r.slot is not None}
+        while self._free and occupied and self._free[0] < max(occupied):
+            request = occupied.pop(max(occupied))
+            source, target = request.slot, self._free.pop(0)
+            self._move(request, target)
+            occupied[target] = request
+            bisect.insort(self._free, source)
+
+    def _move(self, request: Request, target: int) -> None:
+        source = request.slot
+        written = min(self.window, request.prefilled + request.sampled + 1)  # ring entries it wrote (+1: safe)
+        if self.prefixes is None:
+            self.cache.copy_prefix(source, target, written)
+        else:
+            kept = len(self.prefixes.held[target] or ())  # what the free slot holds for reuse
+            self.cache.swap(source, target, max(written, min(kept, self.window)))
+            self.prefixes.swap(source, target)
+        self.sampler.move(source, target)
+        for state in (self.tokens, self.positions, self.active):
+            state[target].copy_(state[source])
+        self.active[source].fill_(False)
+        request.slot = target
 
     def _prefill_chunk(self, request: Request) -> None:
         try:
