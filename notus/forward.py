@@ -10,8 +10,7 @@ modules is ours, so the cache is plain tensors:
 - Decode: one token for each of the first `batch` slots at their own positions (device tensors).
   A CUDA graph has one shape, so there every row attends over the first `length` ring entries (a
   bucket covering every decoding sequence, masked per row); eager (the CPU), each row reads just
-  its own filled entries when lengths are far apart (short sequences beside long ones don't read
-  the long ones' length), and rows of similar lengths share one masked call.
+  its own filled entries (the scheduler gives rows of similar lengths one masked call instead).
   Grouped-query attention folds the 4 query heads of each KV head into the query axis, so K and V
   are read in place, never repeated.
 - Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
@@ -72,6 +71,12 @@ class KVCache:
             layer[:, a, :, :n] = layer[:, b, :, :n]
             layer[:, b, :, :n] = held
 
+    @property
+    def bytes_per_entry(self) -> int:
+        """One ring entry's keys and values, every layer: what attention reads per entry per step."""
+        layers, _, _, kv_heads, _, head_dim = self.kv.shape
+        return layers * 2 * kv_heads * head_dim * self.kv.element_size()
+
     @staticmethod
     def slot_shape(config) -> tuple[int, int, int, int]:
         """One slot's K (or V): layers, KV heads, the sliding window, head dim."""
@@ -116,10 +121,6 @@ class Forward:
         """
         batch = tokens.shape[0]
         cache = self.cache
-        if not isinstance(lengths, int) and batch > 1 and batch * max(lengths) <= 2 * sum(lengths):
-            # Rows of similar lengths: one masked call over the longest reads at most twice what is
-            # live, and costs less than a call per row (each row's own, for lengths far apart).
-            lengths = max(lengths)
         write_slot = torch.where(active, self.rows[:batch], cache.scratch)
         write_at = positions % cache.window
         if isinstance(lengths, int):

@@ -109,6 +109,7 @@ class Scheduler:
         self._decoding: list[Request] = []
         self._free = list(range(slots))
         self._reads: deque[_Read] = deque()
+        self.kv_entries = {"read": 0, "live": 0, "steps": 0}  # decode attention's ring entries, summed (_count_kv)
         self._thread = threading.Thread(target=self._serve, name="notus-engine", daemon=True)
         self._thread.start()
 
@@ -275,11 +276,17 @@ class Scheduler:
         try:
             if self.cuda_graphs:
                 length = self._bucket(self.length_buckets, max(lengths))
+                self._count_kv(rows, lengths, batch * length)
                 if (batch, length) in self.graphs:
                     self.graphs[batch, length].replay()
                 else:
                     self._step(batch, length)  # uncaptured (tests run the graphs' shapes on the CPU)
             else:
+                if batch > 1 and batch * max(lengths) <= 2 * sum(lengths):
+                    # Rows of similar lengths: one masked call over the longest reads at most twice
+                    # what is live, and costs less than a call per row (kept for lengths far apart).
+                    lengths = max(lengths)
+                self._count_kv(rows, lengths, batch * lengths if isinstance(lengths, int) else sum(lengths))
                 self._step(batch, lengths, **self._shortcuts(rows))
         except Exception as e:  # a failing step fails the requests in it
             self._fail(rows, e)
@@ -290,6 +297,13 @@ class Scheduler:
                 self.active[r.slot].fill_(False)  # its last token is sampled; it only waits to be read
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
+
+    def _count_kv(self, rows: list[Request], lengths, read: int) -> None:
+        """Adds this step's ring entries read by attention and those live (each decoding row's own) to
+        `kv_entries`: what a step reads beyond what it needs (x `cache.bytes_per_entry` for bytes)."""
+        self.kv_entries["read"] += read
+        self.kv_entries["live"] += sum(min(len(r.input_ids) + r.sampled, self.window) for r in rows)
+        self.kv_entries["steps"] += 1
 
     def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None,
               penalties: bool = True) -> torch.Tensor:

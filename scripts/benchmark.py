@@ -285,8 +285,11 @@ def run_streams(engine: Engine, prompts: list[list[int]], streams: int, new_toke
         start = time.perf_counter()
         return start, await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
+    before = dict(engine.scheduler.kv_entries)
     start, done = asyncio.run(all_of_them())
     end = max(t for _, t in done)
+    kv = {k: engine.scheduler.kv_entries[k] - before[k] for k in before}
+    per_entry = engine.scheduler.cache.bytes_per_entry
     tokens = sum(stats.output_token_count for stats, _ in done)
     assert tokens == new_tokens * len(prompts), "a stream ended early"
     ttfts = [stats.time_to_first_token for stats, _ in done]
@@ -300,6 +303,10 @@ def run_streams(engine: Engine, prompts: list[list[int]], streams: int, new_toke
         "per_stream_tokens_per_second_median": statistics.median(per_stream),
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p95_s": percentile(ttfts, 0.95),
+        # Decode attention's K/V: bytes read per step against the bytes live (each row's own entries).
+        "kv_read_bytes_per_step": kv["read"] * per_entry / kv["steps"],
+        "kv_live_bytes_per_step": kv["live"] * per_entry / kv["steps"],
+        "kv_read_over_live": kv["read"] / kv["live"],
     }
 
 
@@ -434,13 +441,15 @@ def markdown_table(report: dict) -> str:
     lines += ["", f"A decode step launches {ops['total']} operations: {ops['per_layer']} per layer, "
                   f"{ops['outside']} outside the layers (scripts/op_count.py)."]
     if report["streams"]:
-        lines += ["", "| streams | prompts | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| streams | prompts | aggregate tok/s | x first | per-stream tok/s (median) | TTFT p50 | TTFT p95 "
+                      "| K/V read per step (x live) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["streams"]:
             lines.append(f"| {r['streams']} | {len(r['prompt_tokens'])} | {r['aggregate_tokens_per_second']:.1f} | "
                          f"{r['aggregate_over_first']:.2f} | "
                          f"{r['per_stream_tokens_per_second_median']:.1f} | {r['ttft_p50_s'] * 1000:.1f} ms | "
-                         f"{r['ttft_p95_s'] * 1000:.1f} ms |")
+                         f"{r['ttft_p95_s'] * 1000:.1f} ms | {r['kv_read_bytes_per_step'] / 2**20:.1f} MiB "
+                         f"({r['kv_read_over_live']:.2f}) |")
     return "\n".join(lines)
 
 

@@ -76,3 +76,28 @@ def test_a_conversation_held_in_the_freed_slot_stays_reusable(fresh):
     again, stats = asyncio.run(generate(e, follow_up, **SHORT))
     assert stats.cached_input_token_count == len(prompts[0]) + len(reply) - 1
     assert again == engine_ids(plain, follow_up, seed=5, **SHORT)
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graph shapes", "eager"])
+def test_the_kv_entries_counted_are_those_each_step_reads_and_those_live(fresh, monkeypatch, graphs):
+    """scheduler.kv_entries, what the benchmark reports as K/V bytes read per step against those live:
+    checked against the shapes attention actually ran (graph shapes: every row reads the bucket)."""
+    e = fresh(cuda_graphs=graphs)
+    forward, scheduler = e.scheduler.forward, e.scheduler
+    steps = []
+    decode = forward.decode
+
+    def recorded(tokens, positions, active, lengths):
+        read = tokens.shape[0] * lengths if isinstance(lengths, int) else sum(lengths)
+        live = sum(min(int(p) + 1, scheduler.window) for p, a in zip(positions.tolist(), active.tolist()) if a)
+        steps.append((read, live))
+        return decode(tokens, positions, active, lengths)
+
+    monkeypatch.setattr(forward, "decode", recorded)
+    prompts = [long_prompt(e, 50), long_prompt(e, 60), long_prompt(e, 300)]
+    asyncio.run(three(e, prompts))
+    counted = scheduler.kv_entries
+    assert counted["steps"] == len(steps)
+    assert counted["read"] == sum(read for read, _ in steps) and counted["live"] == sum(live for _, live in steps)
+    if graphs:  # the long one alone in slot 0 at the end: one row reads its bucket, 512 entries for 300-340
+        assert steps[-1] == (512, 300 + 40 - 1)

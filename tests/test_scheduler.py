@@ -247,6 +247,7 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
     for r in report["streams"]:
         assert r["aggregate_tokens_per_second"] == pytest.approx(len(r["prompt_tokens"]) * 32 / r["wall_seconds"])
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+        assert r["kv_read_bytes_per_step"] >= r["kv_live_bytes_per_step"] > 0 and r["kv_read_over_live"] >= 1
 
 
 def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path):
