@@ -130,7 +130,7 @@ class Sampler:
         """
         scores = self.scores(logits, slots, penalties)
         if candidates == 1:
-            token = scores.argmax(dim=-1)
+            token = first_argmax(scores)
         else:
             distribution = self.distribution(scores, slots, candidates)
             drawn = distribution.draw(draw_key(self.seed[slots], self.generated[slots])[:, None])[:, 0]
@@ -226,6 +226,19 @@ def top_k(scores: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, 
     candidates = blocks.gather(1, best_blocks[:, :, None].expand(rows, k, block)).reshape(rows, k * block)
     top, at = candidates.topk(k, dim=-1)
     return top, best_blocks.gather(1, at // block) * block + at % block
+
+
+def first_argmax(scores: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """scores.argmax(-1) (the first index of the maximum), in two passes: the CPU's argmax kernel is
+    not vectorised (2.5 ms for 32 rows of notus's 32,000 tokens, amax 0.12 ms). The best block is
+    the first whose maximum is the row's, and its first maximum is the row's first."""
+    rows, vocab = scores.shape
+    if vocab % block:
+        return scores.argmax(dim=-1)
+    blocks = scores.view(rows, vocab // block, block)
+    best = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # [rows, 1]
+    inside = blocks.gather(1, best[:, :, None].expand(rows, 1, block))[:, 0].argmax(dim=-1, keepdim=True)
+    return (best * block + inside)[:, 0]
 
 
 def _ties_by_token_id(top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler, draw_key, gumbel_noise, gumbel_of_bits, shortcuts, top_k
+from notus.sampling import RowSettings, Sampler, draw_key, first_argmax, gumbel_noise, gumbel_of_bits, shortcuts, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
@@ -224,3 +224,14 @@ def test_a_row_of_only_minus_inf_draws_without_error():
     sampler.start(0, RowSettings(temperature=1.0, top_p=0.5), torch.tensor([1]))
     token = sampler.sample(torch.full((1, VOCAB), -torch.inf), torch.tensor([0])).item()
     assert 0 <= token < VOCAB
+
+
+def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
+    """Greedy rows on the CPU (first_argmax): the same token as argmax, ties and rows of -inf included."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 3, (64, 32000), generator=generator).float()  # every row full of ties
+    scores[0] = -torch.inf
+    scores[1] = -torch.inf
+    scores[1, 31999] = 0.0
+    scores[2, 31968:] = 5.0  # the maximum only in the last block
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
