@@ -4,15 +4,17 @@ The weights are transformers' (MistralForCausalLM, loaded as usual); only the lo
 modules is ours, so the cache is plain tensors:
 
 - One ring of `window` (4,096) entries per slot and layer, keys and values side by side: [layers,
-  2, slots + 1, kv_heads, window, head_dim]. Position p lives at p % window, so the ring always holds exactly notus's sliding
-  window: nothing rolls, nothing is allocated per step. The extra last slot is scratch: rows of a
-  batch bucket that are not decoding write there, so they never touch a live sequence.
+  2, slots + 1, window, kv_heads, head_dim] (FlashAttention's layout). Position p lives at p % window,
+  so the ring always holds exactly notus's sliding window: nothing rolls, nothing is allocated per
+  step. The extra last slot is scratch: rows of a batch bucket that are not decoding write there, so
+  they never touch a live sequence.
 - Decode: one token for each of the first `batch` slots at their own positions (device tensors).
-  A CUDA graph has one shape, so there every row attends over the first `length` ring entries (a
-  bucket covering every decoding sequence, masked per row); eager (the CPU), each row reads just
-  its own filled entries (the scheduler gives rows of similar lengths one masked call instead).
-  Grouped-query attention folds the 4 query heads of each KV head into the query axis, so K and V
-  are read in place, never repeated.
+  On the GPU in bf16 each row reads just its own ring entries, even in a CUDA graph's fixed shape
+  (FlashAttention's variable-length kernel: notus/decode_attention.py). Through SDPA (the CPU, float32
+  on a GPU, or where that kernel fails its check) a graph's rows all read the first `length` entries
+  (a bucket covering every decoding sequence, masked per row); eager, each row reads its own (the
+  scheduler gives rows of similar lengths one masked call instead). Grouped-query attention reads
+  each K/V once, in place, never repeated.
 - Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
   (ring + chunk): bounded by the chunk size, whatever the prompt's length (a first chunk needs no
   mask at all: SDPA's causal kernel).
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from notus.decode_attention import VarlenDecode, sdpa_rows
 from notus.layers import RotaryTable, layer_weights, rest_of_layer, rotated_qkv
 
 
@@ -54,27 +57,27 @@ class KVCache:
     def __init__(self, config, slots: int, device: torch.device, dtype: torch.dtype):
         layers, kv_heads, self.window, self.head_dim = self.slot_shape(config)
         # Keys and values in one tensor, side by side per layer, so a decode step writes both in one op.
-        self.kv = torch.zeros((layers, 2, slots + 1, kv_heads, self.window, self.head_dim), device=device, dtype=dtype)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: [layers, slots + 1, kv_heads, window, head_dim]
+        self.kv = torch.zeros((layers, 2, slots + 1, self.window, kv_heads, self.head_dim), device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: [layers, slots + 1, window, kv_heads, head_dim]
         self.scratch = slots
 
     def copy_prefix(self, source: int, slot: int, n: int) -> None:
         """Ring entries 0..n-1 of every layer, keys and values, from slot `source` to `slot` (on the
         device, after the work already queued)."""
-        self.kv[:, :, slot, :, :n] = self.kv[:, :, source, :, :n]
+        self.kv[:, :, slot, :n] = self.kv[:, :, source, :n]
 
     def swap(self, a: int, b: int, n: int) -> None:
         """Ring entries 0..n-1 of slots `a` and `b` exchanged, every layer (on the device, after the
         work already queued; one layer at a time, so the temporary copy stays small)."""
         for layer in self.kv:
-            held = layer[:, a, :, :n].clone()
-            layer[:, a, :, :n] = layer[:, b, :, :n]
-            layer[:, b, :, :n] = held
+            held = layer[:, a, :n].clone()
+            layer[:, a, :n] = layer[:, b, :n]
+            layer[:, b, :n] = held
 
     @property
     def bytes_per_entry(self) -> int:
         """One ring entry's keys and values, every layer: what attention reads per entry per step."""
-        layers, _, _, kv_heads, _, head_dim = self.kv.shape
+        layers, _, _, _, kv_heads, head_dim = self.kv.shape
         return layers * 2 * kv_heads * head_dim * self.kv.element_size()
 
     @staticmethod
@@ -108,6 +111,8 @@ class Forward:
         device = cache.kv.device
         self.rows = torch.arange(cache.scratch, device=device)  # a decode step's row r is slot r
         self.entries = torch.arange(cache.window, device=device)
+        # Each row reading its own entries (the GPU in bf16), else None: SDPA.
+        self.varlen = VarlenDecode.for_cache(cache.kv, self.heads, cache.scratch)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
@@ -123,7 +128,9 @@ class Forward:
         cache = self.cache
         write_slot = torch.where(active, self.rows[:batch], cache.scratch)
         write_at = positions % cache.window
-        if isinstance(lengths, int):
+        if self.varlen is not None:  # each row's own count of entries (padding rows read one)
+            used = torch.where(active, (positions + 1).clamp(max=cache.window), 1).int()
+        elif isinstance(lengths, int):
             visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
         x = F.embedding(tokens, self.embedding)
         rotation = self.rotary.for_qkv(positions)
@@ -131,13 +138,15 @@ class Forward:
             for i, w in enumerate(self.weights):
                 qkv = rotated_qkv(w, x, rotation, self.head_dim)
                 # k and v side by side: one write for both, at each row's slot and ring entry.
-                cache.kv[i][:, write_slot, :, write_at] = qkv[:, self.heads :].view(batch, 2, self.kv_heads, -1)
+                cache.kv[i][:, write_slot, write_at] = qkv[:, self.heads :].view(batch, 2, self.kv_heads, -1).transpose(0, 1)
                 q = qkv[:, : self.heads]
-                if isinstance(lengths, int):
-                    out = self._attend(q, cache.k[i][:batch, :, :lengths], cache.v[i][:batch, :, :lengths], visible)
+                if self.varlen is not None:
+                    out = self.varlen(q, cache.k[i], cache.v[i], used, self.scale)
+                elif isinstance(lengths, int):
+                    out = sdpa_rows(q, cache.k[i][:batch, :lengths], cache.v[i][:batch, :lengths], self.scale, visible)
                 else:
-                    out = torch.cat([self._attend(q[r : r + 1], cache.k[i][r : r + 1, :, :n],
-                                                  cache.v[i][r : r + 1, :, :n], None) for r, n in enumerate(lengths)])
+                    out = torch.cat([sdpa_rows(q[r : r + 1], cache.k[i][r : r + 1, :n], cache.v[i][r : r + 1, :n],
+                                               self.scale) for r, n in enumerate(lengths)])
                 x = rest_of_layer(w, x, out)
         return self.lm_head(F.rms_norm(x, x.shape[-1:], self.final_norm, self.eps))
 
@@ -172,10 +181,10 @@ class Forward:
         cache, chunk = self.cache, x.shape[0]
         qkv = rotated_qkv(w, x, rotation, self.head_dim)
         q = qkv[:, : self.heads].transpose(0, 1)[None]  # [1, heads, chunk, d]
-        kv = qkv[:, self.heads :].view(chunk, 2, self.kv_heads, -1).permute(1, 2, 0, 3)  # [2, kv_heads, chunk, d]
-        keys = torch.cat([cache.k[i][slot, :, :held], kv[0]], dim=1)[None]
-        values = torch.cat([cache.v[i][slot, :, :held], kv[1]], dim=1)[None]
-        cache.kv[i][:, slot][:, :, positions % cache.window] = kv
+        kv = qkv[:, self.heads :].view(chunk, 2, self.kv_heads, -1).transpose(0, 1)  # [2, chunk, kv_heads, d]
+        keys = torch.cat([cache.k[i][slot, :held], kv[0]]).transpose(0, 1)[None]  # [1, kv_heads, held + chunk, d]
+        values = torch.cat([cache.v[i][slot, :held], kv[1]]).transpose(0, 1)[None]
+        cache.kv[i][:, slot, positions % cache.window] = kv
         # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
         # reads each KV head once for its query heads (enable_gqa). With a mask, the fused kernel that
         # takes it does not take grouped heads: the KV heads are repeated, as transformers' SDPA
@@ -186,18 +195,6 @@ class Forward:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
                                              scale=self.scale, enable_gqa=visible is None)
         return rest_of_layer(w, x, out[0].transpose(0, 1).reshape(chunk, -1))
-
-    def _attend(self, q, keys, values, visible):
-        """One query per row: q [b, heads, d] over keys/values [b, kv_heads, length, d]; visible
-        [b, 1, 1, length], or None when every entry is. Returns [b, heads x d].
-
-        The query heads sharing a KV head go along the query axis ([b, kv_heads, groups, d]), so
-        SDPA reads each K/V once, in place, instead of a copy repeated per query head.
-        """
-        b = q.shape[0]
-        folded = q.reshape(b, self.kv_heads, self.groups, self.head_dim)
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, scale=self.scale)
-        return out.reshape(b, -1)
 
 
 def _packed_lm_head(model, batch: int):

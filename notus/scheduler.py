@@ -99,7 +99,10 @@ class Scheduler:
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.rows = torch.arange(slots, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+        # Length buckets bound what SDPA's graphs read; the variable-length kernel reads each row's own.
         self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
+        if self.forward.varlen is not None:
+            self.length_buckets = [self.window]
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # Each graph's logits, kept so a test can compare a replay with the eager step (28 MB: 32 slots, bf16).
         self.graph_logits: dict[tuple[int, int], torch.Tensor] = {}
@@ -276,7 +279,7 @@ class Scheduler:
         try:
             if self.cuda_graphs:
                 length = self._bucket(self.length_buckets, max(lengths))
-                self._count_kv(rows, lengths, batch * length)
+                self._count_kv(rows, lengths, sum(lengths) if self.forward.varlen else batch * length)
                 if (batch, length) in self.graphs:
                     self.graphs[batch, length].replay()
                 else:

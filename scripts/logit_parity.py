@@ -65,6 +65,14 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
     return out
 
 
+def pinned_kernel(model, use: str) -> str:
+    """The kernel `use` is meant to run: decode's is FlashAttention's variable-length one where it
+    passed its check on this GPU (notus/decode_attention.py), else SDPA's pinned kernel."""
+    if use == "decode" and Forward(model, KVCache(model.config, slots=1, device=model.device, dtype=model.dtype)).varlen:
+        return "varlen_attn (FlashAttention, each row's own length)"
+    return ATTENTION_KERNELS[use].name
+
+
 @torch.inference_mode()
 def attention_kernels(model) -> dict[str, list[str]]:
     """{use: the attention ops and GPU kernels that ran} for each use `ATTENTION_KERNELS` pins (a first
@@ -131,7 +139,7 @@ def main() -> None:
     kernels = attention_kernels(model) if model.device.type == "cuda" else {}
     report = {"model": description, **run_facts(args.device), "dtype": str(model.dtype), "length": LENGTH,
               "prompt_tokens": len(prompt), "bound": bound, "rows": rows, "passed": not failed,
-              "attention_kernels": {use: {"pinned": ATTENTION_KERNELS[use].name, "ran": names}
+              "attention_kernels": {use: {"pinned": pinned_kernel(model, use), "ran": names}
                                     for use, names in kernels.items()}}
     path = write_report(args.out, f"logits-{args.device}", report)
     print(f"{description} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "

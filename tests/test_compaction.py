@@ -63,7 +63,7 @@ def test_a_request_left_in_a_high_slot_moves_down_and_its_reply_is_unchanged(fre
     assert 4 in batches and batches[-30:] == [1] * 30, batches
     # Its keys and values moved with it: slot 0 holds what the request alone wrote there.
     n = len(prompts[2]) + len(tokens) - 1
-    moved, own = e.scheduler.cache.kv[:, :, 0, :, :n], alone.scheduler.cache.kv[:, :, 0, :, :n]
+    moved, own = e.scheduler.cache.kv[:, :, 0, :n], alone.scheduler.cache.kv[:, :, 0, :n]
     torch.testing.assert_close(moved, own, rtol=1e-5, atol=1e-5)
 
 

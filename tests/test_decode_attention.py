@@ -1,0 +1,74 @@
+"""notus/decode_attention.py: each row reads its own ring entries on the GPU.
+
+torch's varlen_attn runs only on CUDA. Here it is replaced by what its documentation defines, written
+out plainly, to check that the engine's call means what decode needs (the cache's layout, each row's
+offset and count, the grouped heads), and that the check run at setup on the GPU catches a kernel
+that fails or disagrees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from notus import decode_attention
+from notus.decode_attention import VarlenDecode
+from notus.forward import Forward, KVCache
+
+
+def documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
+                      seqused_k=None, **_):
+    """varlen_attn as torch documents it (no window, not causal): sequence i's queries are
+    query[cu_seq_q[i]:cu_seq_q[i + 1]], its keys the first seqused_k[i] of those from cu_seq_k[i];
+    query head h uses KV head h // (H_q / H_kv)."""
+    out = torch.empty_like(query)
+    groups = query.shape[1] // key.shape[1]
+    for i in range(len(cu_seq_q) - 1):
+        queries = slice(int(cu_seq_q[i]), int(cu_seq_q[i + 1]))
+        start = int(cu_seq_k[i])
+        n = int(seqused_k[i]) if seqused_k is not None else int(cu_seq_k[i + 1]) - start
+        k = key[start : start + n].repeat_interleave(groups, dim=1).transpose(0, 1).float()  # [heads, n, d]
+        v = value[start : start + n].repeat_interleave(groups, dim=1).transpose(0, 1).float()
+        q = query[queries].transpose(0, 1).float()  # [heads, queries, d]
+        weights = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1)
+        out[queries] = (weights @ v).transpose(0, 1).to(query.dtype)
+    return out
+
+
+def test_the_varlen_call_gives_each_row_the_attention_over_its_own_entries(engine, monkeypatch):
+    """Rows at positions 5, 300 and 5,000 (a ring past the window) and a padding row: the decode
+    step's logits through the varlen call equal those of SDPA reading each row's own entries."""
+    model = engine.model
+    cache = KVCache(model.config, slots=4, device=torch.device("cpu"), dtype=torch.float32)
+    torch.manual_seed(0)
+    cache.kv.normal_()
+    forward = Forward(model, cache)
+    assert forward.varlen is None  # the CPU: SDPA
+    tokens = torch.tensor([100, 200, 300, 400])
+    positions = torch.tensor([5, 300, 5000, 17])
+    active = torch.tensor([True, True, True, False])
+    own = [min(int(p) + 1, cache.window) for p in positions]
+    want = forward.decode(tokens, positions, active, own)[:3]
+
+    monkeypatch.setattr(decode_attention, "varlen_attn", documented_varlen)
+    forward.varlen = VarlenDecode(cache.scratch, cache.window, cache.kv.device)
+    got = forward.decode(tokens, positions, active, cache.window)[:3]  # a graph's shape: lengths unused
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_setup_check_accepts_the_documented_kernel_and_refuses_a_failing_or_wrong_one(monkeypatch):
+    decode = VarlenDecode(slots=4, window=256, device=torch.device("cpu"))
+    check = dict(heads=8, kv_heads=2, head_dim=32, dtype=torch.float32)
+    monkeypatch.setattr(decode_attention, "varlen_attn", documented_varlen)
+    assert decode.disagreement(**check) is None
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+
+    monkeypatch.setattr(decode_attention, "varlen_attn", failing)
+    assert "RuntimeError: FlashAttention only supports" in decode.disagreement(**check)
+
+    def reads_every_entry(*args, seqused_k=None, **kwargs):  # ignores each row's count
+        return documented_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "varlen_attn", reads_every_entry)
+    assert "differs from SDPA" in decode.disagreement(**check)
