@@ -2,9 +2,9 @@
 
 SDPA takes one key length for the whole batch: in a graph every row reads up to the bucket of the
 longest row (31 short rows beside one 4,096-token row read 32 x 4,096 entries: 16 GiB a step for
-notus in bf16, more than the weights). FlashAttention's variable-length kernel, which torch ships as
-`torch.nn.attention.varlen.varlen_attn`, takes each row's count of keys as a device tensor
-(`seqused_k`), so one captured graph serves every mix of lengths and reads just what is live.
+notus in bf16, more than the weights). FlashAttention's variable-length kernel, as torch ships it,
+takes each row's count of keys as a device tensor (`seqused_k`), so one captured graph serves every
+mix of lengths and reads just what is live.
 
 Row r's query is token r; its keys are slot r's ring, entries r x window .. r x window + used[r] of
 the layer's cache seen as [(slots + 1) x window, kv_heads, head_dim] (the cache's layout, notus/forward.py).
@@ -21,9 +21,20 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.varlen import varlen_attn
 
 log = logging.getLogger("notus")
+
+
+def flash_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *, scale: float,
+                 seqused_k: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's variable-length forward, not causal, no window: sequence i's queries are
+    query[cu_seq_q[i]:cu_seq_q[i + 1]] ([tokens, heads, d]), its keys and values the first
+    seqused_k[i] rows from cu_seq_k[i] ([tokens, kv_heads, d]); query head h uses KV head
+    h // (heads / kv_heads). The op torch 2.13's `torch.nn.attention.varlen.varlen_attn(seqused_k=...)`
+    calls; called directly, it also runs on torch 2.11 (the GPU check machine's), whose varlen_attn
+    has no seqused_k."""
+    return torch.ops.aten._flash_attention_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0,
+                                                   False, False, scale=scale, seqused_k=seqused_k)[0]
 
 
 class VarlenDecode:
@@ -40,9 +51,8 @@ class VarlenDecode:
         """q [batch, heads, d]; keys/values [slots + 1, window, kv_heads, d] (a layer's cache); used
         [batch] int32: the entries each row reads. Returns [batch, heads x d]."""
         batch = q.shape[0]
-        out = varlen_attn(q, keys.flatten(0, 1), values.flatten(0, 1), self.query_starts[: batch + 1],
-                          self.key_starts[: batch + 1], 1, self.window, scale=scale, enable_gqa=True,
-                          seqused_k=used)
+        out = flash_varlen(q, keys.flatten(0, 1), values.flatten(0, 1), self.query_starts[: batch + 1],
+                           self.key_starts[: batch + 1], 1, self.window, scale=scale, seqused_k=used)
         return out.reshape(batch, -1)
 
     @classmethod
@@ -56,7 +66,7 @@ class VarlenDecode:
         problem = decode.disagreement(heads, kv_heads, head_dim, kv.dtype)
         if problem:
             log.warning("decode attention falls back to SDPA over masked length buckets (every row reads the "
-                        "longest row's bucket): torch's varlen_attn %s", problem)
+                        "longest row's bucket): FlashAttention's variable-length kernel %s", problem)
             return None
         return decode
 

@@ -1,6 +1,6 @@
 """notus/decode_attention.py: each row reads its own ring entries on the GPU.
 
-torch's varlen_attn runs only on CUDA. Here it is replaced by what its documentation defines, written
+FlashAttention's variable-length kernel runs only on CUDA. Here it is replaced by what its documentation defines, written
 out plainly, to check that the engine's call means what decode needs (the cache's layout, each row's
 offset and count, the grouped heads), and that the check run at setup on the GPU catches a kernel
 that fails or disagrees.
@@ -15,9 +15,8 @@ from notus.decode_attention import VarlenDecode
 from notus.forward import Forward, KVCache
 
 
-def documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
-                      seqused_k=None, **_):
-    """varlen_attn as torch documents it (no window, not causal): sequence i's queries are
+def documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, seqused_k=None):
+    """The kernel as torch's varlen_attn documents it (no window, not causal): sequence i's queries are
     query[cu_seq_q[i]:cu_seq_q[i + 1]], its keys the first seqused_k[i] of those from cu_seq_k[i];
     query head h uses KV head h // (H_q / H_kv)."""
     out = torch.empty_like(query)
@@ -49,7 +48,7 @@ def test_the_varlen_call_gives_each_row_the_attention_over_its_own_entries(engin
     own = [min(int(p) + 1, cache.window) for p in positions]
     want = forward.decode(tokens, positions, active, own)[:3]
 
-    monkeypatch.setattr(decode_attention, "varlen_attn", documented_varlen)
+    monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
     forward.varlen = VarlenDecode(cache.scratch, cache.window, cache.kv.device)
     got = forward.decode(tokens, positions, active, cache.window)[:3]  # a graph's shape: lengths unused
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -58,17 +57,28 @@ def test_the_varlen_call_gives_each_row_the_attention_over_its_own_entries(engin
 def test_the_setup_check_accepts_the_documented_kernel_and_refuses_a_failing_or_wrong_one(monkeypatch):
     decode = VarlenDecode(slots=4, window=256, device=torch.device("cpu"))
     check = dict(heads=8, kv_heads=2, head_dim=32, dtype=torch.float32)
-    monkeypatch.setattr(decode_attention, "varlen_attn", documented_varlen)
+    monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
     assert decode.disagreement(**check) is None
 
     def failing(*args, **kwargs):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
 
-    monkeypatch.setattr(decode_attention, "varlen_attn", failing)
+    monkeypatch.setattr(decode_attention, "flash_varlen", failing)
     assert "RuntimeError: FlashAttention only supports" in decode.disagreement(**check)
 
     def reads_every_entry(*args, seqused_k=None, **kwargs):  # ignores each row's count
         return documented_varlen(*args, **kwargs)
 
-    monkeypatch.setattr(decode_attention, "varlen_attn", reads_every_entry)
+
+    monkeypatch.setattr(decode_attention, "flash_varlen", reads_every_entry)
     assert "differs from SDPA" in decode.disagreement(**check)
+
+
+def test_the_kernel_call_binds_to_torchs_op():
+    """The real op's signature and output shape, on the meta device (its shape rules, no GPU needed)."""
+    meta = torch.device("meta")
+    decode = VarlenDecode(slots=4, window=4096, device=meta)
+    q = torch.empty(3, 32, 128, dtype=torch.bfloat16, device=meta)
+    cache = torch.empty(5, 4096, 8, 128, dtype=torch.bfloat16, device=meta)
+    used = torch.empty(3, dtype=torch.int32, device=meta)
+    assert decode(q, cache, cache, used, 128**-0.5).shape == (3, 32 * 128)
