@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from notus.forward import Forward, KVCache
+from notus.forward import Forward, KVCache, Segment
 from notus.prefix_cache import PrefixCache
 from notus.sampling import RowSettings, Sampler, shortcuts
 
@@ -205,7 +205,7 @@ class Scheduler:
             start = request.prefilled
             chunk = request.input_ids[start : start + min(CHUNK, self.window)]
             ids = self._on_device(chunk)
-            logits = self.forward.prefill(request.slot, ids, start)
+            logits = self.forward.prefill([Segment(request.slot, ids, start)])  # one segment: [1, vocab]
             request.prefilled += len(chunk)
             if self.prefixes is not None:
                 self.prefixes.extend(request.slot, chunk)

@@ -153,12 +153,12 @@ def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monke
     prefill = engine.scheduler.forward.prefill
     leftovers = []
 
-    def failing_prefill(slot, ids, start):  # its prefill (after any prefix reused from the cache)
-        if start + ids.shape[0] == len(poisoned) and ids.tolist() == poisoned[start:]:
+    def failing_prefill(segments):  # its prefill (after any prefix reused from the cache), alone or packed
+        if any(s.start + s.ids.shape[0] == len(poisoned) and s.ids.tolist() == poisoned[s.start :] for s in segments):
             work = torch.ones(64, 2**20)  # 256 MB of this request's work in flight
             leftovers.append(weakref.ref(work))
             raise torch.OutOfMemoryError("injected: out of memory in this request's prefill")
-        return prefill(slot, ids, start)
+        return prefill(segments)
 
     monkeypatch.setattr(engine.scheduler.forward, "prefill", failing_prefill)
 
@@ -347,9 +347,9 @@ def test_a_short_prompt_behind_a_long_one_waits_for_one_chunk_at_most(engine, mo
     calls = []
     prefill = engine.scheduler.forward.prefill
 
-    def recording(slot, ids, start):
-        calls.append(ids.shape[0])
-        return prefill(slot, ids, start)
+    def recording(segments):
+        calls.append(segments[0].ids.shape[0])
+        return prefill(segments)
 
     monkeypatch.setattr(engine.scheduler.forward, "prefill", recording)
 
