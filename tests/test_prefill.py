@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from burst_benchmark import NEW_TOKENS, burst_row, burst_table
 from notus.engine import Engine
 from notus.forward import Forward, KVCache, Segment
 from notus.scheduler import CHUNK
@@ -153,3 +154,23 @@ def test_a_failing_segment_of_a_packed_forward_fails_alone(engines, monkeypatch)
     packed, *each = prefills.calls
     assert len(packed) == 5 and any(start > 0 for _, start, _ in packed)  # the follow-up's: after its prefix
     assert sorted(each) == sorted([segment] for segment in packed)  # then each alone, the same chunks
+
+
+def test_the_burst_benchmark_reports_both_paths_and_their_ratios(engine):
+    """scripts/benchmark.py --burst's measure (scripts/burst_benchmark.py), in-process and small."""
+    generator = torch.Generator().manual_seed(0)
+
+    def new_prompt(n: int) -> list[int]:  # a new one each time: nothing reused from the KV cache
+        return [engine.prompt.bos_id] + torch.randint(1000, 31000, (n - 1,), generator=generator).tolist()
+
+    row = burst_row(engine, 4, 16, 1, new_prompt)
+    assert (row["prompts"], row["new_tokens_each"]) == (4, NEW_TOKENS)
+    assert row["one_at_a_time"]["prefill_forwards"] == 4 and row["packed"]["prefill_forwards"] < 4
+    for path in ("packed", "one_at_a_time"):
+        assert 0 < row[path]["ttft_p50_s"] <= row[path]["ttft_p95_s"] and len(row[path]["runs"][0]["ttfts"]) == 4
+    for q in ("p50", "p95"):
+        assert row[f"ttft_{q}_one_at_a_time_over_packed"] == pytest.approx(
+            row["one_at_a_time"][f"ttft_{q}_s"] / row["packed"][f"ttft_{q}_s"])
+    assert engine.scheduler.pack  # packing back on
+    table = burst_table({"model": "tiny", "device": "cpu", "torch": torch.__version__, "reps": 1, "burst": [row]})
+    assert "| 4 | packed |" in table and "| 4 | one at a time | 4 |" in table
