@@ -81,7 +81,7 @@ class GenerationStats:
 
 class Engine:
     def __init__(self, model, prompt: ChatPrompt, slots: int = DEFAULT_SLOTS, cuda_graphs: bool | None = None,
-                 reuse: bool = True):
+                 reuse: bool = True, pack: bool = True):
         self.model = model
         self.prompt = prompt
         self.tokenizer = prompt.tokenizer
@@ -96,7 +96,8 @@ class Engine:
         self.context_length = model.config.max_position_embeddings
         # cuda_graphs=None: CUDA graphs on the GPU (captured by warm_up), eager elsewhere.
         # reuse: a prompt that begins as a sequence still in the KV cache skips its prefill (notus/prefix_cache.py).
-        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse)
+        # pack: waiting prompts' chunks prefilled together in one forward (off only to measure the difference).
+        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse, pack=pack)
 
     @classmethod
     def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,

@@ -15,9 +15,10 @@ modules is ours, so the cache is plain tensors:
   (a bucket covering every decoding sequence, masked per row); eager, each row reads its own (the
   scheduler gives rows of similar lengths one masked call instead). Grouped-query attention reads
   each K/V once, in place, never repeated.
-- Prefill: a chunk of one sequence attends over its ring plus itself, with a mask of chunk x
-  (ring + chunk): bounded by the chunk size, whatever the prompt's length (a first chunk needs no
-  mask at all: SDPA's causal kernel).
+- Prefill: chunks of several sequences (segments) in one forward, so the weights are read once for
+  all of them: the matrix products run over their tokens together, and each chunk attends over its
+  own ring plus itself, with a mask of chunk x (ring + chunk): bounded by the chunk size, whatever
+  the prompt's length (a first chunk needs no mask at all: SDPA's causal kernel).
 - Attention kernels are pinned on CUDA in bf16 (`ATTENTION_KERNELS`): a kernel that cannot take these shapes
   fails loudly instead of SDPA falling back to its math kernel, which materialises the scores.
 """
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +41,10 @@ from notus.layers import RotaryTable, layer_weights, rest_of_layer, rotated_qkv
 # SDPA's kernel for each use on CUDA. FlashAttention takes grouped-query heads but no mask; the
 # memory-efficient kernel takes a mask but not grouped heads (decode folds them into the query axis,
 # masked prefill repeats them).
+CAUSAL, MASKED = "prefill, first chunk (causal)", "prefill, later chunk (masked)"
 ATTENTION_KERNELS = {
-    "prefill, first chunk (causal)": SDPBackend.FLASH_ATTENTION,
-    "prefill, later chunk (masked)": SDPBackend.EFFICIENT_ATTENTION,
+    CAUSAL: SDPBackend.FLASH_ATTENTION,
+    MASKED: SDPBackend.EFFICIENT_ATTENTION,
     "decode": SDPBackend.EFFICIENT_ATTENTION,
 }
 
@@ -51,6 +55,25 @@ def attention_kernel(use: str, cache: KVCache):
     backend = ATTENTION_KERNELS[use]
     pinned = cache.k.is_cuda and cache.k.dtype in (torch.bfloat16, torch.float16)
     return sdpa_kernel([backend]) if pinned else contextlib.nullcontext()
+
+
+class Segment(NamedTuple):
+    """One sequence's chunk in a prefill: token `ids` [chunk] at positions start.. in slot `slot`."""
+
+    slot: int
+    ids: torch.Tensor
+    start: int
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A segment as the layers see it: its rows in the packed forward, the ring entries it reads
+    (positions before its start) and its mask (None: plainly causal)."""
+
+    slot: int
+    rows: slice
+    held: int
+    visible: torch.Tensor | None
 
 
 class KVCache:
@@ -94,7 +117,7 @@ class KVCache:
 
 
 class Forward:
-    """Prefill chunks and batched decode steps of `model` over `cache` (the layers: notus/layers.py)."""
+    """Packed prefill chunks and batched decode steps of `model` over `cache` (the layers: notus/layers.py)."""
 
     def __init__(self, model, cache: KVCache):
         self.model, self.cache = model, cache
@@ -151,50 +174,80 @@ class Forward:
         return self.lm_head(F.rms_norm(x, x.shape[-1:], self.final_norm, self.eps))
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Runs `ids` [chunk] at positions start.. through slot `slot`; the last position's logits [1, vocab].
+    def prefill(self, segments: list[Segment]) -> torch.Tensor:
+        """Runs every segment's chunk in one forward; the logits of each one's last token [segments, vocab].
 
-        The chunk must be at most the window long; earlier chunks of the same sequence went first.
+        The matrix products run once over all the segments' tokens, so the weights are read once
+        for all of them; attention and the cache writes are each segment's own: it attends to its
+        slot's ring (positions before `start`) and its own chunk, causal, within the window. Each
+        chunk is at most the window long, earlier chunks of its sequence went first, and no two
+        segments share a slot.
         """
-        cache, window = self.cache, self.cache.window
-        device = ids.device
-        positions = torch.arange(start, start + ids.shape[0], device=device)
-        held = min(start, window)  # ring entries holding earlier positions
-        ring = torch.arange(held, device=device)
-        # The position each ring entry holds: the latest p < start with p % window == entry.
-        ring_positions = start - 1 - (start - 1 - ring) % window
-        if held:
-            key_positions = torch.cat([ring_positions, positions])
-            distance = positions[:, None] - key_positions[None, :]
-            visible = ((distance >= 0) & (distance < window))[None, None]  # causal, within the window
-        else:
-            visible = None  # a first chunk (no longer than the window): plainly causal, no mask to build
+        ids = torch.cat([s.ids for s in segments])
+        positions = torch.cat([self._positions(s) for s in segments])
+        spans = self._spans(segments, positions)
+        # Every token's slot and ring entry: the keys and values of all the chunks written in one op.
+        write_slot = torch.cat([self.rows[s.slot : s.slot + 1].expand(s.ids.shape[0]) for s in segments])
+        write_at = positions % self.cache.window
+        # Grouped by attention kernel: one pinning (a context to enter) per group and layer, not per segment.
+        groups = [(CAUSAL, [s for s in spans if s.visible is None]), (MASKED, [s for s in spans if s.visible is not None])]
         x = F.embedding(ids, self.embedding)
         rotation = self.rotary.for_qkv(positions)
-        use = "prefill, first chunk (causal)" if visible is None else "prefill, later chunk (masked)"
-        with attention_kernel(use, cache):
-            for i, w in enumerate(self.weights):
-                x = self._prefill_layer(i, w, x, rotation, slot, held, positions, visible)
-        return self.lm_head(F.rms_norm(x[-1:], x.shape[-1:], self.final_norm, self.eps))
+        for i, w in enumerate(self.weights):
+            qkv = rotated_qkv(w, x, rotation, self.head_dim)
+            out = x.new_empty(x.shape[0], self.heads * self.head_dim)
+            for use, group in groups:
+                if group:
+                    with attention_kernel(use, self.cache):
+                        for span in group:
+                            out[span.rows] = self._prefill_attention(i, qkv[span.rows], span)
+            # After every segment's attention: a chunk that wraps the ring overwrites entries it reads.
+            self.cache.kv[i][:, write_slot, write_at] = qkv[:, self.heads :].view(x.shape[0], 2, self.kv_heads, -1).transpose(0, 1)
+            x = rest_of_layer(w, x, out)
+        last = torch.cat([x[span.rows.stop - 1 : span.rows.stop] for span in spans])
+        return self.lm_head(F.rms_norm(last, last.shape[-1:], self.final_norm, self.eps))
 
-    def _prefill_layer(self, i, w, x, rotation, slot, held, positions, visible):
-        cache, chunk = self.cache, x.shape[0]
-        qkv = rotated_qkv(w, x, rotation, self.head_dim)
+    @staticmethod
+    def _positions(segment: Segment) -> torch.Tensor:
+        return torch.arange(segment.start, segment.start + segment.ids.shape[0], device=segment.ids.device)
+
+    def _spans(self, segments: list[Segment], positions: torch.Tensor) -> list[_Span]:
+        """Each segment's rows in the packed forward, the ring entries it reads and its mask."""
+        window, spans, row = self.cache.window, [], 0
+        for s in segments:
+            n = s.ids.shape[0]
+            held = min(s.start, window)  # ring entries holding earlier positions
+            if held:
+                ring = torch.arange(held, device=positions.device)
+                # The position each ring entry holds: the latest p < start with p % window == entry.
+                ring_positions = s.start - 1 - (s.start - 1 - ring) % window
+                own = positions[row : row + n]
+                distance = own[:, None] - torch.cat([ring_positions, own])[None, :]
+                visible = ((distance >= 0) & (distance < window))[None, None]  # causal, within the window
+            else:
+                visible = None  # a first chunk (no longer than the window): plainly causal, no mask to build
+            spans.append(_Span(s.slot, slice(row, row + n), held, visible))
+            row += n
+        return spans
+
+    def _prefill_attention(self, i: int, qkv: torch.Tensor, span: _Span) -> torch.Tensor:
+        """One segment's attention in layer i: its q/k/v [chunk, heads + 2 kv_heads, d] over its
+        slot's held ring entries and itself. Returns [chunk, heads x d]."""
+        cache, chunk = self.cache, qkv.shape[0]
         q = qkv[:, : self.heads].transpose(0, 1)[None]  # [1, heads, chunk, d]
         kv = qkv[:, self.heads :].view(chunk, 2, self.kv_heads, -1).transpose(0, 1)  # [2, chunk, kv_heads, d]
-        keys = torch.cat([cache.k[i][slot, :held], kv[0]]).transpose(0, 1)[None]  # [1, kv_heads, held + chunk, d]
-        values = torch.cat([cache.v[i][slot, :held], kv[1]]).transpose(0, 1)[None]
-        cache.kv[i][:, slot, positions % cache.window] = kv
+        keys = torch.cat([cache.k[i][span.slot, : span.held], kv[0]]).transpose(0, 1)[None]  # [1, kv_heads, held + chunk, d]
+        values = torch.cat([cache.v[i][span.slot, : span.held], kv[1]]).transpose(0, 1)[None]
         # Prefill is compute-bound: a fused SDPA kernel. Unmasked (a first chunk), the causal kernel
         # reads each KV head once for its query heads (enable_gqa). With a mask, the fused kernel that
         # takes it does not take grouped heads: the KV heads are repeated, as transformers' SDPA
         # attention does (a copy of the keys and values, small beside the chunk's matmuls).
-        if visible is not None:
+        if span.visible is not None:
             keys = keys.repeat_interleave(self.groups, dim=1)
             values = values.repeat_interleave(self.groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, is_causal=visible is None,
-                                             scale=self.scale, enable_gqa=visible is None)
-        return rest_of_layer(w, x, out[0].transpose(0, 1).reshape(chunk, -1))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=span.visible, is_causal=span.visible is None,
+                                             scale=self.scale, enable_gqa=span.visible is None)
+        return out[0].transpose(0, 1).reshape(chunk, -1)
 
 
 def _packed_lm_head(model, batch: int):

@@ -7,10 +7,15 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
 2. gives free slots to waiting requests, oldest first: where a slot still holds the start of the
    prompt (a finished request's keys and values stay until the slot is needed), its prefill starts
    where they diverge, in that slot or from a copy into another (notus/prefix_cache.py);
-3. runs ONE prefill chunk (CHUNK tokens) of the request with the least prompt left to prefill, so
-   a long prompt stalls the decoding batch and any shorter prompt by one chunk at most, and a
-   cancel is seen between chunks; its last chunk samples its first token and the request joins
-   the decoding batch;
+3. runs ONE prefill forward of at most CHUNK tokens, packed from the prompts waiting to be
+   prefilled, the least left first: each takes what is left of its prompt, of the turn's CHUNK
+   tokens and of the window (a chunk), each attending only to itself; so a burst of short prompts
+   is prefilled in a few forwards (not one each, every forward reading all the weights), a long
+   prompt stalls the decoding batch by one chunk at most and a shorter prompt gets its first token
+   within two chunks' time, and a cancel is seen between chunks. Prompts that finish sample their
+   first tokens together and join the decoding batch. A packed forward that fails runs each chunk
+   again alone, so only a request that fails on its own fails (a chunk that could not be run
+   again, one that wraps its ring, is never packed: `_chunks`);
 4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots: requests move
    down into slots freed below them, so the bucket covers just the requests in flight), replayed
    on the GPU from the CUDA graph of its batch and length bucket (one covering every row's
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from notus.forward import Forward, KVCache
+from notus.forward import Forward, KVCache, Segment
 from notus.prefix_cache import PrefixCache
 from notus.sampling import RowSettings, Sampler, shortcuts
 
@@ -83,8 +88,10 @@ class _Read:
 
 
 class Scheduler:
-    def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True):
+    def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True,
+                 pack: bool = True):
         self.model, self.eos_id, self.slots = model, eos_id, slots
+        self.pack = pack  # several prompts' chunks in one prefill forward (off: one a turn, to measure the difference)
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self.cuda_graphs = self.cuda if cuda_graphs is None else cuda_graphs
@@ -154,9 +161,7 @@ class Scheduler:
         self._admit()
         self._compact()
         if self._prefilling:
-            # The one with the least prompt left, the oldest of equals: a short prompt behind a long
-            # one waits for one chunk at most, and long ones go on whenever no short one waits.
-            self._prefill_chunk(min(self._prefilling, key=lambda r: len(r.input_ids) - r.prefilled))
+            self._prefill(self._chunks())
         launched = self._decode_step()
         self._hand_out(keep_newest=launched)
 
@@ -235,31 +240,92 @@ class Scheduler:
         self.active[source].fill_(False)
         request.slot = target
 
-    def _prefill_chunk(self, request: Request) -> None:
-        try:
-            start = request.prefilled
-            chunk = request.input_ids[start : start + min(CHUNK, self.window)]
-            ids = self._on_device(chunk)
-            logits = self.forward.prefill(request.slot, ids, start)
-            request.prefilled += len(chunk)
-            if self.prefixes is not None:
-                self.prefixes.extend(request.slot, chunk)
-            if request.prefilled == len(request.input_ids):
-                self._start_decoding(request, logits)
-        except Exception as e:  # this request fails alone; its tensors go with the frames
-            self._fail([request], e)
+    def _chunks(self) -> list[tuple[Request, int]]:
+        """This turn's prefill: (request, tokens) for each chunk of the one forward.
 
-    def _start_decoding(self, request: Request, logits: torch.Tensor) -> None:
-        slot = request.slot
-        self.sampler.start(slot, request.settings, self._on_device(request.input_ids))
-        first = self.sampler.sample(logits, self.rows[slot : slot + 1], **self._shortcuts([request]))
-        self.tokens[slot : slot + 1] = first
-        self.positions[slot].fill_(len(request.input_ids))  # fills, not `[slot] = n`: no host tensor copied
-        request.sampled = 1
-        self.active[slot].fill_(request.sampled < request.max_tokens)
-        self._prefilling.remove(request)
-        self._decoding.append(request)
-        self._queue_read(first, [(request, 0)])
+        In order of least prompt left (the oldest of equals), each takes min(its prompt left, the
+        turn's budget left, the window) until CHUNK tokens are taken: a burst of short prompts is
+        prefilled in a few forwards, a short prompt behind a long one waits for the chunk in
+        progress and then runs in the next (two chunks' time at most), and a long prompt gets what
+        the short ones leave. Without packing (`pack` off): the first one only.
+
+        The re-run rule: a packed forward that fails is run again chunk by chunk (_prefill), so
+        each chunk must give the same result when run again. A chunk that wraps its ring (start >
+        0 and start + tokens > window) writes entries it also reads (its held positions) and cannot
+        be run again: it runs alone, when it comes first.
+        """
+        budget, chunks = CHUNK, []
+        for request in sorted(self._prefilling, key=lambda r: len(r.input_ids) - r.prefilled):  # stable: oldest first
+            if budget == 0:
+                break
+            start = request.prefilled
+            n = min(len(request.input_ids) - start, budget, self.window)
+            if 0 < start and start + n > self.window:  # wraps its ring: alone
+                if not chunks:
+                    return [(request, n)]
+                continue
+            chunks.append((request, n))
+            budget -= n
+            if not self.pack:
+                break
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        """Runs the chunks in one forward. If a packed forward fails, each chunk runs again alone
+        (see _chunks: each may), so that only a request that fails on its own fails."""
+        if len(chunks) > 1:
+            try:
+                logits = self._forward(chunks)
+            except Exception as e:  # noqa: BLE001 - each chunk runs alone below
+                log.warning("a prefill of %d prompts together failed, each runs alone: %r", len(chunks), e)
+                e.__traceback__ = None  # its frames (and their tensors) go now
+            else:
+                self._prefilled(chunks, logits)
+                return
+        for chunk in chunks:
+            try:
+                logits = self._forward([chunk])
+            except Exception as e:  # this request fails alone; its tensors go with the frames
+                self._fail([chunk[0]], e)
+            else:
+                self._prefilled([chunk], logits)
+
+    def _forward(self, chunks: list[tuple[Request, int]]) -> torch.Tensor:
+        """The chunks' prefill forward (one transfer of their ids to the device); each one's last logits."""
+        ids = self._on_device([t for r, n in chunks for t in r.input_ids[r.prefilled : r.prefilled + n]])
+        per_chunk = ids.split([n for _, n in chunks])
+        return self.forward.prefill([Segment(r.slot, own, r.prefilled) for (r, _), own in zip(chunks, per_chunk)])
+
+    def _prefilled(self, chunks: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        """Notes the chunks as done; those that end their prompt start decoding."""
+        for request, n in chunks:
+            if self.prefixes is not None:
+                self.prefixes.extend(request.slot, request.input_ids[request.prefilled : request.prefilled + n])
+            request.prefilled += n
+        done = [row for row, (r, _) in enumerate(chunks) if r.prefilled == len(r.input_ids)]
+        if not done:
+            return
+        requests = [chunks[row][0] for row in done]
+        try:
+            self._start_decoding(requests, logits if len(done) == len(chunks) else
+                                 logits.index_select(0, self._on_device(done)))
+        except Exception as e:  # their first tokens failed, as a failing decode step fails its rows
+            self._fail(requests, e)
+
+    def _start_decoding(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Their first tokens (`logits` [requests, vocab]) sampled together; they join the decoding batch."""
+        slots = self._on_device([r.slot for r in requests])
+        for request in requests:
+            self.sampler.start(request.slot, request.settings, self._on_device(request.input_ids))
+        first = self.sampler.sample(logits, slots, **self._shortcuts(requests))
+        self.tokens[slots] = first
+        for request in requests:
+            self.positions[request.slot].fill_(len(request.input_ids))  # fills, not `[slot] = n`: no host tensor copied
+            request.sampled = 1
+            self.active[request.slot].fill_(request.sampled < request.max_tokens)
+            self._prefilling.remove(request)
+            self._decoding.append(request)
+        self._queue_read(first, [(request, row) for row, request in enumerate(requests)])
 
     def _on_device(self, ids: list[int]) -> torch.Tensor:
         """`ids` as a tensor on the engine's device. To a GPU from pinned memory, copied asynchronously:

@@ -39,6 +39,13 @@ through the engine, through model.generate as one batch and through model.genera
 over each and over the better of the two, and each path over its own 1 stream.
 
     python scripts/benchmark.py --tiny --versus-transformers 1 8 32 --new-tokens 64 --prompt-lengths 128 --reps 3
+
+With --burst N [N ...], only what packing prefill saves (scripts/burst_benchmark.py): for each N, N new
+prompts of --burst-prompt tokens (128 by default) at once, 16 new tokens each, with packing on and off
+in the same engine, --reps bursts of each: time to first token p50/p95, prefill forwards per burst,
+and one at a time / packed.
+
+    python scripts/benchmark.py --tiny --burst 8 32 --burst-prompt 128 --reps 3
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from random_checkpoint import write_small_files, write_tiny  # noqa: E402
 from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
 from versus_transformers import add_scaling, versus_row, versus_table  # noqa: E402
+from burst_benchmark import burst_row, burst_table  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
@@ -323,6 +331,9 @@ def main() -> None:
     parser.add_argument("--versus-transformers", type=int, nargs="+", metavar="N",
                         help="only N greedy streams through the engine, model.generate and model.generate_batch, "
                              "e.g. 1 8 32 (scripts/versus_transformers.py)")
+    parser.add_argument("--burst", type=int, nargs="+", metavar="N",
+                        help="only N prompts at once with packed prefill and without, e.g. 8 32 (scripts/burst_benchmark.py)")
+    parser.add_argument("--burst-prompt", type=int, default=128, metavar="TOKENS", help="each burst prompt's length")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
@@ -332,11 +343,13 @@ def main() -> None:
     if args.conversation:
         return conversation_mode(model, ChatPrompt(tokenizer, template), description, args)
     engine = Engine(model, ChatPrompt(tokenizer, template),
-                    slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or [])]),
+                    slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or []), *(args.burst or [])]),
                     cuda_graphs=False if args.no_graphs else None)
     engine.warm_up()
     if args.versus_transformers:
         return versus_mode(engine, description, args)
+    if args.burst:
+        return burst_mode(engine, description, args)
     setup_seconds = time.perf_counter() - t0
 
     device = engine.device.type
@@ -412,6 +425,18 @@ def versus_mode(engine: Engine, description: str, args) -> None:
               "slots": engine.scheduler.slots, "reps": args.reps, "versus_transformers": rows}
     path = write_report(args.out, f"versus-transformers-{device}", report)
     print(versus_table(report))
+    print(f"wrote {path}")
+
+
+def burst_mode(engine: Engine, description: str, args) -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows = [burst_row(engine, n, args.burst_prompt, args.reps, lambda length: random_prompt(engine, length, generator))
+            for n in args.burst]
+    device = engine.device.type
+    report = {"model": description, **run_facts(device), "cuda_graphs": len(engine.scheduler.graphs),
+              "slots": engine.scheduler.slots, "reps": args.reps, "burst": rows}
+    path = write_report(args.out, f"burst-{device}", report)
+    print(burst_table(report))
     print(f"wrote {path}")
 
 

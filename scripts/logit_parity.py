@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 
 from benchmark import add_model_arguments, build_model, run_facts, tokenizer_dir, write_report  # noqa: E402
-from notus.forward import ATTENTION_KERNELS, Forward, KVCache  # noqa: E402
+from notus.forward import ATTENTION_KERNELS, Forward, KVCache, Segment  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from notus.scheduler import CHUNK, LENGTH_BUCKETS  # noqa: E402
 
@@ -54,7 +54,8 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
     for _, start, end in spans:
         while position < start:  # prefill up to the span, in chunks no longer than CHUNK or the window
             n = min(CHUNK, window, start - position)
-            out["prefill"][position + n - 1] = forward.prefill(0, ids[position : position + n], position)[0].float()
+            segment = Segment(0, ids[position : position + n], position)
+            out["prefill"][position + n - 1] = forward.prefill([segment])[0].float()
             position += n
         for p in range(start, end):  # one token at a time, as decode steps feed them
             token, at, active = ids[p : p + 1], torch.tensor([p], device=ids.device), torch.tensor([True], device=ids.device)
@@ -85,8 +86,8 @@ def attention_kernels(model) -> dict[str, list[str]]:
     forward = Forward(model, KVCache(model.config, slots=1, device=device, dtype=model.dtype))
     ids = torch.randint(1000, 31000, (600,), device=device)
     runs = {
-        "prefill, first chunk (causal)": lambda: forward.prefill(0, ids[:512], 0),
-        "prefill, later chunk (masked)": lambda: forward.prefill(0, ids[512:], 512),
+        "prefill, first chunk (causal)": lambda: forward.prefill([Segment(0, ids[:512], 0)]),
+        "prefill, later chunk (masked)": lambda: forward.prefill([Segment(0, ids[512:], 512)]),
         "decode": lambda: forward.decode(ids[:1], torch.tensor([600], device=device),
                                          torch.tensor([True], device=device), 1024),
     }

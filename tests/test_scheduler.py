@@ -153,12 +153,12 @@ def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monke
     prefill = engine.scheduler.forward.prefill
     leftovers = []
 
-    def failing_prefill(slot, ids, start):  # its prefill (after any prefix reused from the cache)
-        if start + ids.shape[0] == len(poisoned) and ids.tolist() == poisoned[start:]:
+    def failing_prefill(segments):  # its prefill (after any prefix reused from the cache), alone or packed
+        if any(s.start + s.ids.shape[0] == len(poisoned) and s.ids.tolist() == poisoned[s.start :] for s in segments):
             work = torch.ones(64, 2**20)  # 256 MB of this request's work in flight
             leftovers.append(weakref.ref(work))
             raise torch.OutOfMemoryError("injected: out of memory in this request's prefill")
-        return prefill(slot, ids, start)
+        return prefill(segments)
 
     monkeypatch.setattr(engine.scheduler.forward, "prefill", failing_prefill)
 
@@ -171,7 +171,7 @@ def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monke
     results = concurrently(run, [*prompts[:2], poisoned, *prompts[2:]])
     assert isinstance(results[2], torch.OutOfMemoryError) and "injected" in str(results[2])
     assert results[:2] + results[3:] == alone
-    assert leftovers and leftovers[0]() is None  # freed at once: no traceback keeps it alive
+    assert leftovers and all(work() is None for work in leftovers)  # freed at once: no traceback keeps it alive
     del results
     gc.collect()
 
@@ -340,23 +340,28 @@ def test_a_request_from_start_to_end_writes_no_python_number_into_a_device_tenso
     assert len(tokens) == 6 and counter.count == 0
 
 
-def test_a_short_prompt_behind_a_long_one_waits_for_one_chunk_at_most(engine, monkeypatch):
-    """Prefill runs the prompt with the least left first: the short one's chunk comes right after
-    the long one's chunk in progress, not after the whole long prompt (4 chunks: past the window,
-    so it is not kept for reuse)."""
+@pytest.mark.parametrize("chunks_before", [1, 2], ids=["packed beside the long one", "alone"])
+def test_a_short_prompt_behind_a_long_one_gets_its_first_token_within_two_chunks(engine, monkeypatch, chunks_before):
+    """Prefill takes the prompts with the least left first: the short one runs in the forward right
+    after the long one's chunk in progress, not after the whole long prompt, and no forward is more
+    than a chunk. After the long prompt's first chunk, the short one's chunk is packed with the long
+    one's next (at 2,048: within the window); after its second, alone: the long one's next chunk,
+    at 4,096, wraps its ring, and a chunk that wraps shares no forward (a packed forward that fails
+    runs each chunk again, and that one could not be). The long prompt is 4 chunks: past the window,
+    so it is not kept for reuse."""
     long, short = long_prompt(engine, 4 * CHUNK), long_prompt(engine, 5)
-    calls = []
+    calls = []  # each prefill forward's chunks: (start, length, whether it is the short prompt's)
     prefill = engine.scheduler.forward.prefill
 
-    def recording(slot, ids, start):
-        calls.append(ids.shape[0])
-        return prefill(slot, ids, start)
+    def recording(segments):
+        calls.append([(s.start, s.ids.shape[0], s.ids.tolist() == short) for s in segments])
+        return prefill(segments)
 
     monkeypatch.setattr(engine.scheduler.forward, "prefill", recording)
 
     async def both():
         long_request = asyncio.ensure_future(ids_of(engine, long, max_tokens=1))
-        while len(calls) < 2:  # the long prompt is being prefilled
+        while len(calls) < chunks_before:  # the long prompt is being prefilled
             await asyncio.sleep(0.001)
         submitted_after = len(calls)
         await ids_of(engine, short, max_tokens=1)
@@ -364,9 +369,13 @@ def test_a_short_prompt_behind_a_long_one_waits_for_one_chunk_at_most(engine, mo
         return submitted_after
 
     submitted_after = asyncio.run(both())
-    short_call = calls.index(len(short))
+    short_call = next(i for i, chunks in enumerate(calls) if any(is_short for _, _, is_short in chunks))
     assert short_call - submitted_after <= 1, calls  # at most the chunk that was running
-    assert sum(n for n in calls if n != len(short)) == len(long)
+    assert all(sum(n for _, n, _ in chunks) <= CHUNK for chunks in calls), calls
+    assert sum(n for chunks in calls for _, n, is_short in chunks if not is_short) == len(long)
+    window = engine.scheduler.window
+    packed = [chunk for chunks in calls if len(chunks) > 1 for chunk in chunks]
+    assert all(start == 0 or start + n <= window for start, n, _ in packed), calls
 
 
 def test_time_in_queue_is_the_wait_for_a_slot_not_for_the_engines_turn(engine):
