@@ -18,7 +18,7 @@ best candidate is always kept, and the noise is finite for every value of its bi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +49,8 @@ class Distribution:
     top: torch.Tensor
     index: torch.Tensor
     vocab: int
+    block_ids: torch.Tensor  # the blocks' noise ids: vocab + block number
+    offsets: torch.Tensor  # 0..BLOCK-1
 
     def draw(self, keys: torch.Tensor) -> torch.Tensor:
         """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
@@ -68,11 +70,10 @@ class Distribution:
             weight = self.top.new_zeros(n, self.vocab // BLOCK).scatter_add_(1, self.index // BLOCK, self.top.exp())
         weight = weight.log()  # -inf for a block with nothing kept
         keys = keys[:, :, None]
-        block_ids = self.vocab + torch.arange(weight.shape[1], device=keys.device)
-        block = (weight[:, None, :] + gumbel_noise(keys, block_ids)).argmax(dim=-1, keepdim=True)  # [n, m, 1]
+        block = (weight[:, None, :] + gumbel_noise(keys, self.block_ids)).argmax(dim=-1, keepdim=True)  # [n, m, 1]
         if c == self.vocab:  # every token a candidate (the GPU's shape): the block's own tokens
             scores = torch.empty_like(self.top).scatter_(1, self.index, self.top)  # in token-id order
-            tokens = block * BLOCK + torch.arange(BLOCK, device=keys.device)  # [n, m, BLOCK]
+            tokens = block * BLOCK + self.offsets  # [n, m, BLOCK]
             inside = scores.gather(1, tokens.flatten(1)).view(tokens.shape)
         else:  # the best few (the CPU's shape): those in the block
             tokens = self.index[:, None, :].expand(n, m, c)
@@ -81,7 +82,15 @@ class Distribution:
 
 
 class Sampler:
-    """Per-slot settings and state on the device, and `sample()` for any rows of slots."""
+    """Per-slot settings and state on the device, and `sample()` for any rows of slots.
+
+    The settings are stored in the form the step uses, so that a step spends no operation on them:
+    temperature 1 for greedy rows (their draw is not used), top_k off as the whole vocabulary, top_p
+    off as 2 (never reached), the seed as its hash. The repetition penalty is a table per slot, the
+    penalty on every token of the prompt and the reply so far and 1 elsewhere, so that penalising is
+    one pass. `slots` is a slice (the decode step's rows 0..n-1: every read of a setting is a view)
+    or a tensor of slot ids (the first tokens of prefilled requests, tests).
+    """
 
     def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device):
         if vocab_size % BLOCK:
@@ -91,37 +100,60 @@ class Sampler:
         def per_slot(fill, dtype):
             return torch.full((slots,), fill, dtype=dtype, device=device)
 
-        self.temperature = per_slot(0.0, torch.float32)
-        self.top_p = per_slot(1.0, torch.float32)
-        self.top_k = per_slot(0, torch.long)
+        self.sampled = per_slot(False, torch.bool)  # temperature > 0
+        self.temperature = per_slot(1.0, torch.float32)
+        self.top_k = per_slot(vocab_size, torch.long)
+        self.top_p = per_slot(2.0, torch.float32)
         self.repetition_penalty = per_slot(1.0, torch.float32)
         self.presence_penalty = per_slot(0.0, torch.float32)
         self.frequency_penalty = per_slot(0.0, torch.float32)
         self.min_tokens = per_slot(0, torch.long)
-        self.seed = per_slot(0, torch.long)
+        self.seed_key = per_slot(0, torch.long)  # _mix32(seed): the first half of draw_key
         self.generated = per_slot(0, torch.long)  # tokens sampled so far: the noise's counter
         self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)  # in the reply
-        self.seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)  # prompt + reply
+        self.repetition = torch.ones(slots, vocab_size, dtype=torch.float32, device=device)  # prompt + reply
+        self.slot_ids = torch.arange(slots, device=device)
+        self.ranks = torch.arange(vocab_size, device=device)
+        self.block_ids = vocab_size + torch.arange(vocab_size // BLOCK, device=device)
+        self.offsets = torch.arange(BLOCK, device=device)
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return (self.sampled, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                self.presence_penalty, self.frequency_penalty, self.min_tokens, self.seed_key, self.generated,
+                self.counts, self.repetition)
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
         """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
         would first make each value a host tensor and copy it over (a synchronising copy on the GPU)."""
-        for setting in fields(RowSettings):  # one per-slot tensor of the same name each
-            getattr(self, setting.name)[slot].fill_(getattr(settings, setting.name))
-        self.generated[slot].zero_()
-        self.counts[slot].zero_()
-        self.seen[slot].fill_(False)
-        self.seen[slot].index_fill_(0, prompt_ids, True)
+        sampled = settings.temperature > 0
+        values = {
+            self.sampled: sampled,
+            self.temperature: settings.temperature if sampled else 1.0,
+            self.top_k: settings.top_k or self.vocab_size,
+            # top_p 0 keeps the best token only: a limit above 0 (the best has 0 before it) and below any probability.
+            self.top_p: max(settings.top_p, 1e-30) if settings.top_p < 1 else 2.0,
+            self.repetition_penalty: settings.repetition_penalty,
+            self.presence_penalty: settings.presence_penalty,
+            self.frequency_penalty: settings.frequency_penalty,
+            self.min_tokens: settings.min_tokens,
+            self.seed_key: _mix32_int(settings.seed & _M32),
+            self.generated: 0,
+            self.counts: 0.0,
+            self.repetition: 1.0,
+        }
+        for state, value in values.items():
+            state[slot].fill_(value)
+        self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request now runs in slot `target`: its settings and state go with it."""
-        for state in (*(getattr(self, f.name) for f in fields(RowSettings)), self.generated, self.counts, self.seen):
+        for state in self._state():
             state[target].copy_(state[source])
 
-    def sample(self, logits: torch.Tensor, slots: torch.Tensor, active: torch.Tensor | None = None,
+    def sample(self, logits: torch.Tensor, slots: slice | torch.Tensor, active: torch.Tensor | None = None,
                candidates: int | None = None, penalties: bool = True) -> torch.Tensor:
-        """The next token of each row (`logits` [n, vocab] for `slots` [n], overwritten if float32:
-        no copy of the vocabulary-wide scores); updates the rows' state.
+        """The next token of each row (`logits` [n, vocab] for `slots`, overwritten if float32: no
+        copy of the vocabulary-wide scores); updates the rows' state.
 
         `active` [n] (bool) marks the rows whose state advances (the others are padding in a batch
         bucket). The CPU passes what it knows of the rows to skip work (`shortcuts()`): `candidates`,
@@ -133,25 +165,33 @@ class Sampler:
             token = first_argmax(scores)
         else:
             distribution = self.distribution(scores, slots, candidates)
-            drawn = distribution.draw(draw_key(self.seed[slots], self.generated[slots])[:, None])[:, 0]
-            token = torch.where(self.temperature[slots] > 0, drawn, distribution.index[:, 0])
-
-        advance = torch.ones_like(token, dtype=torch.bool) if active is None else active
-        self.generated[slots] += advance.long()
-        self.counts[slots, token] += advance.float()
-        self.seen[slots, token] |= advance
+            drawn = distribution.draw(_mix32(self.seed_key[slots] ^ self.generated[slots])[:, None])[:, 0]
+            token = torch.where(self.sampled[slots], drawn, distribution.index[:, 0])
+        self.advance(slots, token, active)
         return token
 
-    def scores(self, logits: torch.Tensor, slots: torch.Tensor, penalties: bool = True) -> torch.Tensor:
+    def advance(self, slots: slice | torch.Tensor, tokens: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """The rows' requests took `tokens` [n] (those `active`, when given)."""
+        rows = self.slot_ids[slots]
+        if active is None:
+            self.generated[slots] += 1
+            self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+            self.repetition[rows, tokens] = self.repetition_penalty[slots]
+        else:
+            self.generated[slots] += active
+            self.counts.index_put_((rows, tokens), active.float(), accumulate=True)
+            self.repetition[rows, tokens] = torch.where(active, self.repetition_penalty[slots], self.repetition[rows, tokens])
+
+    def scores(self, logits: torch.Tensor, slots: slice | torch.Tensor, penalties: bool = True) -> torch.Tensor:
         """The rows' scores after the penalties and the hold on EOS (finite or -inf)."""
-        scores = _finite_or_minus_inf(logits.float(), out=logits if logits.dtype == torch.float32 else None)
+        own = logits.dtype == torch.float32
+        scores = _finite_or_minus_inf(logits if own else logits.float(), out=logits if own else None)
         if penalties:
             scores = self._penalised(scores, slots)
-        early = self.generated[slots] < self.min_tokens[slots]
-        scores[:, self.eos_id] = torch.where(early, -torch.inf, scores[:, self.eos_id])
+        scores[:, self.eos_id].masked_fill_(self.generated[slots] < self.min_tokens[slots], -torch.inf)
         return scores
 
-    def distribution(self, scores: torch.Tensor, slots: torch.Tensor, candidates: int | None = None) -> Distribution:
+    def distribution(self, scores: torch.Tensor, slots: slice | torch.Tensor, candidates: int | None = None) -> Distribution:
         """Temperature, top_k and top_p applied to `scores`: what the rows draw from.
 
         The GPU's shape sorts every candidate (`candidates` None); the CPU's looks at the best
@@ -171,31 +211,26 @@ class Sampler:
         if k == self.vocab_size:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
         # Temperature keeps the order, so it applies to the candidates only, shifted to a maximum of 0.
-        temperature = self.temperature[slots][:, None]
-        safe_t = torch.where(temperature > 0, temperature, 1.0)
         best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)  # a row of only -inf stays -inf, not NaN
-        top = (top - best) / safe_t
-        return Distribution(top.masked_fill(self._truncated(top, slots), -torch.inf), index, self.vocab_size)
+        top = (top - best) / self.temperature[slots][:, None]
+        return Distribution(top.masked_fill(self._truncated(top, slots), -torch.inf), index, self.vocab_size,
+                            self.block_ids, self.offsets)
 
-    def _penalised(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        repetition = self.repetition_penalty[slots][:, None]
-        penalised = torch.where(scores < 0, scores * repetition, scores / repetition)
-        scores = torch.where(self.seen[slots], penalised, scores)
+    def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
+        repetition = self.repetition[slots]  # 1 for tokens not seen: scores * 1 and scores / 1 are exact
+        scores = torch.where(scores < 0, scores * repetition, scores / repetition)
         counts = self.counts[slots]
-        scores = (scores - self.frequency_penalty[slots][:, None] * counts
-                  - self.presence_penalty[slots][:, None] * (counts > 0).float())
-        return _finite_or_minus_inf(scores)
+        scores = torch.addcmul(scores, self.frequency_penalty[slots][:, None], counts, value=-1)
+        scores = torch.addcmul(scores, self.presence_penalty[slots][:, None], counts.clamp(max=1), value=-1)
+        return _finite_or_minus_inf(scores, out=scores)
 
-    def _truncated(self, top: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Which of the sorted candidates top_k and top_p remove (the best one always stays)."""
-        rank = torch.arange(top.shape[-1], device=top.device)[None, :]
-        k = self.top_k[slots][:, None]
-        removed = (k > 0) & (rank >= k)
+    def _truncated(self, top: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
+        """Which of the sorted candidates top_k and top_p remove (never the best: top_k is at least 1,
+        and top_p's limit is above 0, the probability before the best)."""
+        removed = self.ranks[: top.shape[-1]] >= self.top_k[slots][:, None]
         probs = torch.softmax(top.masked_fill(removed, -torch.inf), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
-        top_p = self.top_p[slots][:, None]
-        removed |= (before >= top_p) & (top_p < 1)  # the smallest set reaching top_p stays
-        return removed & (rank > 0)
+        return removed | (before >= self.top_p[slots][:, None])  # the smallest set reaching top_p stays
 
 
 def shortcuts(settings: list[RowSettings]) -> dict:
@@ -272,6 +307,15 @@ def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:
     """
     uniform = ((bits >> 9).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
+
+
+def _mix32_int(x: int) -> int:
+    """_mix32 of one Python integer (a request's seed, hashed once at its start)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

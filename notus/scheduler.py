@@ -104,7 +104,6 @@ class Scheduler:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
-        self.rows = torch.arange(slots, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
         # Length buckets bound what SDPA's graphs read; the variable-length kernel reads each row's own.
         self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
@@ -380,8 +379,8 @@ class Scheduler:
         Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
         active = self.active[:batch]
         logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, lengths)
-        self.tokens[:batch] = self.sampler.sample(logits, self.rows[:batch], active, candidates, penalties)
-        self.positions[:batch] += active.long()
+        self.tokens[:batch] = self.sampler.sample(logits, slice(0, batch), active, candidates, penalties)
+        self.positions[:batch] += active
         return logits
 
     def _shortcuts(self, rows: list[Request]) -> dict:

@@ -40,7 +40,7 @@ def replay_against_eager(scheduler) -> int:
     scheduler.cache.k.normal_()
     scheduler.cache.v.normal_()
     state = {"tokens": scheduler.tokens, "positions": scheduler.positions, "k": scheduler.cache.k,
-             "v": scheduler.cache.v, "generated": sampler.generated, "counts": sampler.counts, "seen": sampler.seen}
+             "v": scheduler.cache.v, "generated": sampler.generated, "counts": sampler.counts, "repetition": sampler.repetition}
     try:
         for (batch, length), graph in scheduler.graphs.items():
             scheduler.tokens.random_(0, vocab)

@@ -69,8 +69,7 @@ def started(rows: int, settings: RowSettings, prompt: list[int], reply: list[int
     for slot in range(rows):
         sampler.start(slot, settings, torch.tensor(prompt))
         for token in reply:  # the reply so far, as the sampler would have drawn it
-            sampler.counts[slot, token] += 1
-            sampler.seen[slot, token] = True
+            sampler.advance(torch.tensor([slot]), torch.tensor([token]))
     return sampler
 
 
