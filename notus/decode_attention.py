@@ -41,8 +41,8 @@ class VarlenDecode:
     """One decode step's attention for rows 0..batch-1 over their own slots' rings."""
 
     def __init__(self, slots: int, window: int, device: torch.device):
-        self.window = window
-        rows = torch.arange(slots + 2, dtype=torch.int32, device=device)
+        self.window, self.slots = window, slots
+        rows = torch.arange(max(slots, 3) + 2, dtype=torch.int32, device=device)  # the setup check's 3 rows too
         self.query_starts = rows  # row r's one query is token r
         self.key_starts = rows * window  # row r's keys begin at slot r's ring
 
@@ -63,23 +63,27 @@ class VarlenDecode:
             return None
         window, kv_heads, head_dim = kv.shape[3:]
         decode = cls(slots, window, kv.device)
-        problem = decode.disagreement(heads, kv_heads, head_dim, kv.dtype)
+        # Few rows and every slot: the kernel splits a row's keys over blocks when rows are few, not
+        # when they are many; each way is checked.
+        problem = decode.disagreement(heads, kv_heads, head_dim, kv.dtype, rows=3) or \
+            decode.disagreement(heads, kv_heads, head_dim, kv.dtype, rows=slots)
         if problem:
             log.warning("decode attention falls back to SDPA over masked length buckets (every row reads the "
                         "longest row's bucket): FlashAttention's variable-length kernel %s", problem)
             return None
         return decode
 
-    def disagreement(self, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
-        """None when the kernel gives SDPA's output on this device for rows of different lengths, else
-        what went wrong. Rows read 1, 7 and the whole window, from slots 0..2 of 4."""
+    def disagreement(self, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, rows: int = 3) -> str | None:
+        """None when the kernel gives SDPA's output on this device for `rows` rows of different lengths
+        (1, 7, the whole window, then lengths spread over the window), else what went wrong."""
         device = self.key_starts.device
         generator = torch.Generator(device=device).manual_seed(0)
-        shape = (4, self.window, kv_heads, head_dim)
+        shape = (rows + 1, self.window, kv_heads, head_dim)
         keys = torch.randn(shape, generator=generator, device=device).to(dtype)
         values = torch.randn(shape, generator=generator, device=device).to(dtype)
-        q = torch.randn(3, heads, head_dim, generator=generator, device=device).to(dtype)
-        used = torch.tensor([1, 7, self.window], dtype=torch.int32, device=device)
+        q = torch.randn(rows, heads, head_dim, generator=generator, device=device).to(dtype)
+        lengths = [1, 7, self.window] + [(r * 997) % self.window + 1 for r in range(3, rows)]
+        used = torch.tensor(lengths[:rows], dtype=torch.int32, device=device)
         scale = head_dim**-0.5
         try:
             got = self(q, keys, values, used, scale).float()

@@ -1,7 +1,7 @@
 """notus's decoder layer as the engine runs it: few operations per token, on transformers' weights.
 
 Each decode step launches every operation of every layer once, and on a GPU each launch costs
-about as much as a small kernel's work, so the layer is written as few operations (15; counted by
+about as much as a small kernel's work, so the layer is written as few operations (14; counted by
 scripts/op_count.py, capped by a test):
 
 - q/k/v and gate/up are merged once at load into single weights (one matrix product each). The

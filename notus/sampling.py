@@ -18,6 +18,7 @@ best candidate is always kept, and the noise is finite for every value of its bi
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -125,13 +126,15 @@ class Sampler:
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
         """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
         would first make each value a host tensor and copy it over (a synchronising copy on the GPU)."""
-        sampled = settings.temperature > 0
+        # As float32 stores them: a temperature that rounds to 0 is greedy (not 0 / 0), a top_p that rounds to 1 is off.
+        temperature, top_p = _float32(settings.temperature), _float32(settings.top_p)
+        sampled = temperature > 0
         values = {
             self.sampled: sampled,
-            self.temperature: settings.temperature if sampled else 1.0,
+            self.temperature: temperature if sampled else 1.0,
             self.top_k: settings.top_k or self.vocab_size,
             # top_p 0 keeps the best token only: a limit above 0 (the best has 0 before it) and below any probability.
-            self.top_p: max(settings.top_p, 1e-30) if settings.top_p < 1 else 2.0,
+            self.top_p: max(top_p, 1e-30) if top_p < 1 else 2.0,
             self.repetition_penalty: settings.repetition_penalty,
             self.presence_penalty: settings.presence_penalty,
             self.frequency_penalty: settings.frequency_penalty,
@@ -307,6 +310,11 @@ def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:
     """
     uniform = ((bits >> 9).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
+
+
+def _float32(x: float) -> float:
+    """`x` rounded to float32, as a per-slot tensor holds it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _mix32_int(x: int) -> int:

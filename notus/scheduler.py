@@ -48,6 +48,7 @@ from notus.sampling import RowSettings, Sampler, shortcuts
 log = logging.getLogger("notus")
 
 CHUNK = 2048  # prefill tokens per turn
+PASSED_TURNS = 2  # turns a prefilling request may be left out before it goes first
 LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # a graph's attention reads the bucket, not the window
 
 
@@ -73,6 +74,7 @@ class Request:
     slot: int | None = None
     cached: int = 0  # prompt tokens whose keys and values were already in the cache (notus/prefix_cache.py)
     prefilled: int = 0
+    passed: int = 0  # turns in a row its prefill was left out (Scheduler._chunks)
     sampled: int = 0  # tokens sampled (some maybe not read yet)
     delivered: int = 0
     last_token: int | None = None  # the last one delivered
@@ -245,8 +247,9 @@ class Scheduler:
         In order of least prompt left (the oldest of equals), each takes min(its prompt left, the
         turn's budget left, the window) until CHUNK tokens are taken: a burst of short prompts is
         prefilled in a few forwards, a short prompt behind a long one waits for the chunk in
-        progress and then runs in the next (two chunks' time at most), and a long prompt gets what
-        the short ones leave. Without packing (`pack` off): the first one only.
+        progress and then runs in the next (two chunks' time at most: a request left out for
+        PASSED_TURNS turns goes first, for one turn), and a long prompt gets what the short ones
+        leave. Without packing (`pack` off): the first one only.
 
         The re-run rule: a packed forward that fails is run again chunk by chunk (_prefill), so
         each chunk must give the same result when run again. A chunk that wraps its ring (start >
@@ -254,19 +257,26 @@ class Scheduler:
         be run again: it runs alone, when it comes first.
         """
         budget, chunks = CHUNK, []
-        for request in sorted(self._prefilling, key=lambda r: len(r.input_ids) - r.prefilled):  # stable: oldest first
+        # A request left out of PASSED_TURNS turns in a row goes first, so that a long prompt whose
+        # chunks must run alone is not held back for ever by a stream of shorter ones.
+        order = sorted(self._prefilling, key=lambda r: (r.passed < PASSED_TURNS, len(r.input_ids) - r.prefilled))
+        for request in order:  # sorted() is stable: the oldest first among equals
             if budget == 0:
                 break
             start = request.prefilled
             n = min(len(request.input_ids) - start, budget, self.window)
             if 0 < start and start + n > self.window:  # wraps its ring: alone
                 if not chunks:
-                    return [(request, n)]
+                    chunks.append((request, n))
+                    break
                 continue
             chunks.append((request, n))
             budget -= n
             if not self.pack:
                 break
+        taken = {id(request) for request, _ in chunks}
+        for request in self._prefilling:
+            request.passed = 0 if id(request) in taken else request.passed + 1
         return chunks
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:

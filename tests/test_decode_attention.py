@@ -8,6 +8,7 @@ that fails or disagrees.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from notus import decode_attention
@@ -82,3 +83,12 @@ def test_the_kernel_call_binds_to_torchs_op():
     cache = torch.empty(5, 4096, 8, 128, dtype=torch.bfloat16, device=meta)
     used = torch.empty(3, dtype=torch.int32, device=meta)
     assert decode(q, cache, cache, used, 128**-0.5).shape == (3, 32 * 128)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 32])
+def test_the_setup_check_covers_few_rows_and_every_slot_whatever_the_slots(monkeypatch, slots):
+    """One slot (COG_MAX_CONCURRENCY=1) too: the check's rows must have their offsets."""
+    monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
+    decode = VarlenDecode(slots=slots, window=256, device=torch.device("cpu"))
+    check = dict(heads=8, kv_heads=2, head_dim=32, dtype=torch.float32)
+    assert decode.disagreement(**check, rows=3) is None and decode.disagreement(**check, rows=slots) is None

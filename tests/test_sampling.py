@@ -234,3 +234,15 @@ def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
     scores[1, 31999] = 0.0
     scores[2, 31968:] = 5.0  # the maximum only in the last block
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
+
+
+def test_settings_are_read_as_float32_holds_them():
+    """A temperature that rounds to 0 in float32 is greedy (not 0 / 0 = NaN); a top_p that rounds to 1 is off."""
+    sampler = Sampler(2, VOCAB, EOS, CPU)
+    sampler.start(0, RowSettings(temperature=1e-46, seed=1), torch.tensor([3]))
+    sampler.start(1, RowSettings(temperature=1.0, top_p=1 - 2**-26, seed=1), torch.tensor([3]))
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
+    distribution = sampler.distribution(sampler.scores(logits.clone(), slice(0, 2)), slice(0, 2))
+    assert not distribution.top.isnan().any()
+    assert torch.isfinite(distribution.top[1]).all()  # every token kept
+    assert sampler.sample(logits.clone(), slice(0, 2))[0] == logits[0].argmax()
