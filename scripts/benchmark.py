@@ -342,9 +342,11 @@ def main() -> None:
     tokenizer, template = load_tokenizer(tokenizer_dir(args.weights))
     if args.conversation:
         return conversation_mode(model, ChatPrompt(tokenizer, template), description, args)
+    # KV-cache reuse off: these modes repeat their prompts (a warm-up, then each repetition), which
+    # reuse would skip and the baselines prefill; what reuse saves is --conversation's measure.
     engine = Engine(model, ChatPrompt(tokenizer, template),
                     slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or []), *(args.burst or [])]),
-                    cuda_graphs=False if args.no_graphs else None)
+                    cuda_graphs=False if args.no_graphs else None, reuse=False)
     engine.warm_up()
     if args.versus_transformers:
         return versus_mode(engine, description, args)
@@ -387,6 +389,7 @@ def main() -> None:
         **run_facts(device),
         "cuda_graphs": len(engine.scheduler.graphs),
         "torch_threads": torch.get_num_threads(),
+        "kv_cache_reuse": engine.scheduler.prefixes is not None,
         "slots": engine.scheduler.slots,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
@@ -422,7 +425,8 @@ def versus_mode(engine: Engine, description: str, args) -> None:
     add_scaling(rows)
     device = engine.device.type
     report = {"model": description, **run_facts(device), "cuda_graphs": len(engine.scheduler.graphs),
-              "slots": engine.scheduler.slots, "reps": args.reps, "versus_transformers": rows}
+              "slots": engine.scheduler.slots, "kv_cache_reuse": engine.scheduler.prefixes is not None,
+              "reps": args.reps, "versus_transformers": rows}
     path = write_report(args.out, f"versus-transformers-{device}", report)
     print(versus_table(report))
     print(f"wrote {path}")

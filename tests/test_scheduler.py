@@ -235,6 +235,7 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
     assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
     assert [row["prompt_tokens"] for row in report["results"]] == [16, 64]
     assert report["decode_step_ops"]["per_layer"] > 0 and report["decode_step_ops"]["outside"] > 0
+    assert report["kv_cache_reuse"] is False  # repeated prompts are prefilled again, as the baseline does
     for row in report["results"]:
         for path in ("baseline", "project"):
             assert all(run["tokens"] == 32 for run in row[path]["runs"])
