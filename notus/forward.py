@@ -145,6 +145,7 @@ class Forward:
         `lengths`: the ring entries attention reads, one bucket for every row (an int: the shape a
         CUDA graph needs; every active row's position below it, or past the window and it is the
         window), or each row's own (a list: its position + 1, at most the window; no mask needed).
+        With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is.
         Rows not `active` compute too (fixed shapes) but write their K/V to the scratch slot.
         """
         batch = tokens.shape[0]

@@ -18,8 +18,10 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
    again, one that wraps its ring, is never packed: `_chunks`);
 4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots: requests move
    down into slots freed below them, so the bucket covers just the requests in flight), replayed
-   on the GPU from the CUDA graph of its batch and length bucket (one covering every row's
-   position); eager (the CPU), each row's attention reads just its own length;
+   on the GPU from the CUDA graph of its batch bucket, each row's attention reading its own ring
+   entries (or, where that kernel failed its setup check, of its batch and length bucket, one
+   covering every row's position); eager (the CPU), each row reads its own length, or rows of
+   similar lengths share one masked call;
 5. hands out the tokens of the previous step: the host reads tokens one step behind, so the GPU
    always has the next step queued and never waits on Python.
 
