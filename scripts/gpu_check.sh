@@ -54,7 +54,7 @@ pytest=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 # float32 (bf16 rounding flips the tiny random model's near ties).
 step tests-cuda 60 env NOTUS_DEVICE="$device" "${pytest[@]}" --junitxml="$OUT/tests-cuda.xml" tests/test_cuda.py
 step tests-engine 80 env NOTUS_DEVICE="$device" NOTUS_DTYPE=float32 "${pytest[@]}" --junitxml="$OUT/tests-engine.xml" \
-  tests/test_engine.py tests/test_scheduler.py
+  tests/test_engine.py tests/test_compaction.py tests/test_prefill.py tests/test_scheduler.py
 step decode 120 python3 scripts/benchmark.py "${model[@]}" "${bench[@]}" --out "$OUT"
 step logits 60 python3 scripts/logit_parity.py "${model[@]}" --out "$OUT"
 step server 110 python3 scripts/smoke_server.py "${checkpoint[@]}" --out "$OUT"
