@@ -55,7 +55,9 @@ def test_output_webhooks_announce_the_reply_while_it_is_generated(server):
 
 def test_logs_and_metrics_of_8_concurrent_predictions_land_in_their_own(server):
     seeds = [1000 + i for i in range(8)]
-    bodies = at_once(lambda seed: server.predict(prompt="Hi", max_tokens=120, min_tokens=120, seed=seed).json(), seeds)
+    # admitted(): 8 requests at one instant meet coglet's 409 race now and then (docs/coglet.md); a client asks again.
+    bodies = at_once(lambda seed: admitted(lambda: server.predict(prompt="Hi", max_tokens=120, min_tokens=120,
+                                                                  seed=seed)).json(), seeds)
     for seed, body in zip(seeds, bodies):
         assert body["status"] == "succeeded", body
         assert [line for line in body["logs"].splitlines() if line.startswith("seed:")] == [f"seed: {seed}"]
