@@ -6,14 +6,17 @@ frequency_penalty over the reply so far (as OpenAI), EOS held off until min_toke
 (temperature 0) or: temperature, top_k, top_p, and a draw from what is left.
 
 In the GPU's shape everything is a tensor op on per-slot state (no host synchronisation, no Python
-branch on data), so a decode step and its sampling fit in one CUDA graph. The draw is Gumbel-max in two levels: a
-block of 256 tokens by its total weight, then a token inside it, with noise hashed from (the
-request's seed, its token index, the block or token id). It follows exactly the distribution
-softmax(processed scores), with noise for 381 numbers a row instead of 32,000; and it is an argmax
-keyed by token id, so the last-bit differences a batch makes in the logits almost never change it:
-a seed gives the same text alone or beside 31 other requests. No setting in range can put NaN or
-inf into it: scores are finite or -inf, temperature divides scores shifted to a maximum of 0, the
-best candidate is always kept, and the noise is finite for every value of its bits.
+branch on data), so a decode step and its sampling fit in one CUDA graph, in few operations (each a
+kernel launch): greedy is top_k 1, the settings are stored in the form the step uses, the draw's key
+is read from a table made at the request's start. The draw is an exponential race (Gumbel-max
+without its second log) in two levels: a block of 256 tokens by its total weight, then a token
+inside it, with noise hashed from (the request's seed, its token index, the block number or the
+token's place in its block). It follows exactly the distribution softmax(processed scores), with
+noise for 381 numbers a row instead of 32,000; and it is an argmax keyed by token id, so the
+last-bit differences a batch makes in the logits almost never change it: a seed gives the same text
+alone or beside 31 other requests. No setting in range can put NaN or inf into it: scores are finite
+or -inf, the weights exp((score - best) / temperature) lie in [0, 1], the best candidate is always
+kept, and the noise is finite and below 0 for every value of its bits.
 """
 
 from __future__ import annotations
@@ -44,56 +47,63 @@ class RowSettings:
 @dataclass
 class Distribution:
     """Rows' processed distributions: their candidate tokens `index` [n, c], best first (equal scores
-    by token id), and the candidates' scores `top` [n, c] over the temperature, shifted to a best of
-    0, -inf where top_k or top_p removed them. Each row's first candidate is its best token."""
+    by token id), and the candidates' `weight` [n, c]: exp((score - best) / temperature), 0 where
+    top_k or top_p removed them (a probability times a row's constant). Each row's first candidate
+    is its best token, never removed."""
 
-    top: torch.Tensor
+    weight: torch.Tensor
     index: torch.Tensor
     vocab: int
-    block_ids: torch.Tensor  # the blocks' noise ids: vocab + block number
-    offsets: torch.Tensor  # 0..BLOCK-1
+    noise_terms: torch.Tensor  # the blocks' noise ids then the places in a block, Weyl-scrambled (Sampler)
 
     def draw(self, keys: torch.Tensor) -> torch.Tensor:
         """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
 
-        Gumbel-max over the blocks' total weights picks a block, then Gumbel-max over its tokens a
-        token: P(block) * P(token | block) = the token's share of the whole. Blocks' noise is keyed by
-        vocab + block number, apart from the tokens'.
+        An exponential race over the blocks' total weights picks a block, then one over its tokens a
+        token: P(block) * P(token | block) = the token's share of the whole. argmax(log(u) / w) is
+        argmin(E / w) with E = -log(u) exponential, the race that w wins in proportion to its size
+        (Gumbel-max, log(w) - log(E), in one log fewer); a removed token (w = 0) scores -inf.
         """
-        (n, c), m = self.top.shape, keys.shape[1]
+        (n, c), m = self.weight.shape, keys.shape[1]
+        blocks = self.vocab // BLOCK
+        # Every token's weight in token-id order, where the tokens of the chosen block are read from
+        # there (the GPU's shape: every token a candidate) or the block weights summed there (CUDA).
+        by_id = None
+        if c == self.vocab or self.weight.is_cuda:
+            by_id = self.weight.new_zeros(n, self.vocab).scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
         # Each block's weight, the same bits in either shape and on every run: on a GPU summed by one
         # kernel over the weights in token-id order (atomic adds would vary); on the CPU added one by
-        # one in rank order (no [n, vocab] buffer to fill at each step).
-        if self.top.is_cuda:
-            weights = self.top.new_zeros(n, self.vocab).scatter_(1, self.index, self.top.exp())
-            weight = weights.view(n, -1, BLOCK).sum(dim=-1)
+        # one in rank order (no [n, vocab] buffer to fill at each step in the CPU's shape).
+        if self.weight.is_cuda:
+            block_weight = by_id.sum(dim=-1)
         else:
-            weight = self.top.new_zeros(n, self.vocab // BLOCK).scatter_add_(1, self.index // BLOCK, self.top.exp())
-        weight = weight.log()  # -inf for a block with nothing kept
-        keys = keys[:, :, None]
-        block = (weight[:, None, :] + gumbel_noise(keys, self.block_ids)).argmax(dim=-1, keepdim=True)  # [n, m, 1]
-        if c == self.vocab:  # every token a candidate (the GPU's shape): the block's own tokens
-            scores = torch.empty_like(self.top).scatter_(1, self.index, self.top)  # in token-id order
-            tokens = block * BLOCK + self.offsets  # [n, m, BLOCK]
-            inside = scores.gather(1, tokens.flatten(1)).view(tokens.shape)
-        else:  # the best few (the CPU's shape): those in the block
-            tokens = self.index[:, None, :].expand(n, m, c)
-            inside = self.top[:, None, :].masked_fill(self.index[:, None, :] // BLOCK != block, -torch.inf)
-        return tokens.gather(2, (inside + gumbel_noise(keys, tokens)).argmax(dim=-1, keepdim=True))[:, :, 0]
+            block_weight = self.weight.new_zeros(n, blocks).scatter_add_(1, self.index // BLOCK, self.weight)
+        noise = log_uniform(_mix32(keys[:, :, None] ^ self.noise_terms))  # [n, m, blocks + BLOCK], all < 0
+        block_noise, place_noise = noise[:, :, :blocks], noise[:, :, blocks:]
+        block = (block_noise / block_weight[:, None, :]).argmax(dim=-1, keepdim=True)  # [n, m, 1]
+        if c == self.vocab:  # the block's own tokens, by their place in it
+            inside = by_id.gather(1, block.expand(n, m, BLOCK))
+            return torch.add((place_noise / inside).argmax(dim=-1), block[:, :, 0], alpha=BLOCK)
+        # The best few (the CPU's shape): those in the block, each with its place's noise.
+        inside = self.weight[:, None, :].masked_fill(self.index[:, None, :] // BLOCK != block, 0)
+        noise = place_noise.gather(2, (self.index % BLOCK)[:, None, :].expand(n, m, c))
+        return self.index.gather(1, (noise / inside).argmax(dim=-1))
 
 
 class Sampler:
     """Per-slot settings and state on the device, and `sample()` for any rows of slots.
 
     The settings are stored in the form the step uses, so that a step spends no operation on them:
-    temperature 1 for greedy rows (their draw is not used), top_k off as the whole vocabulary, top_p
-    off as 2 (never reached), the seed as its hash. The repetition penalty is a table per slot, the
-    penalty on every token of the prompt and the reply so far and 1 elsewhere, so that penalising is
-    one pass. `slots` is a slice (the decode step's rows 0..n-1: every read of a setting is a view)
-    or a tensor of slot ids (the first tokens of prefilled requests, tests).
+    greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k off as the
+    whole vocabulary, top_p off as 2 (never reached). The draws' keys are a table per slot, made at
+    the request's start from its seed, one for each token index up to `max_tokens`. The repetition
+    penalty is a table per slot, the penalty on every token of the prompt and the reply so far and 1
+    elsewhere, so that penalising is one pass. `slots` is a slice (the decode step's rows 0..n-1:
+    every read of a setting is a view) or a tensor of slot ids (the first tokens of prefilled
+    requests, tests).
     """
 
-    def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device):
+    def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device, max_tokens: int = 32768):
         if vocab_size % BLOCK:
             raise ValueError(f"the vocabulary must split into blocks of {BLOCK} tokens, got {vocab_size}")
         self.vocab_size, self.eos_id = vocab_size, eos_id
@@ -101,7 +111,6 @@ class Sampler:
         def per_slot(fill, dtype):
             return torch.full((slots,), fill, dtype=dtype, device=device)
 
-        self.sampled = per_slot(False, torch.bool)  # temperature > 0
         self.temperature = per_slot(1.0, torch.float32)
         self.top_k = per_slot(vocab_size, torch.long)
         self.top_p = per_slot(2.0, torch.float32)
@@ -109,19 +118,21 @@ class Sampler:
         self.presence_penalty = per_slot(0.0, torch.float32)
         self.frequency_penalty = per_slot(0.0, torch.float32)
         self.min_tokens = per_slot(0, torch.long)
-        self.seed_key = per_slot(0, torch.long)  # _mix32(seed): the first half of draw_key
-        self.generated = per_slot(0, torch.long)  # tokens sampled so far: the noise's counter
+        self.generated = per_slot(0, torch.long)  # tokens sampled so far: the draw's index in `draw_keys`
+        self.ones = per_slot(1.0, torch.float32)
+        # draw_key(seed, i) for i in 0..max_tokens (max_tokens itself: a finished row's padding steps read it).
+        self.draw_keys = torch.zeros(slots, max_tokens + 1, dtype=torch.long, device=device)
         self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)  # in the reply
         self.repetition = torch.ones(slots, vocab_size, dtype=torch.float32, device=device)  # prompt + reply
         self.slot_ids = torch.arange(slots, device=device)
+        self.indices = torch.arange(max_tokens + 1, device=device)
         self.ranks = torch.arange(vocab_size, device=device)
-        self.block_ids = vocab_size + torch.arange(vocab_size // BLOCK, device=device)
-        self.offsets = torch.arange(BLOCK, device=device)
+        ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)]).to(device)
+        self.noise_terms = (ids * 0x9E3779B1) & _M32  # a Weyl sequence over the ids (as SplitMix's)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
-        return (self.sampled, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                self.presence_penalty, self.frequency_penalty, self.min_tokens, self.seed_key, self.generated,
-                self.counts, self.repetition)
+        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.presence_penalty,
+                self.frequency_penalty, self.min_tokens, self.generated, self.draw_keys, self.counts, self.repetition)
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
         """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
@@ -130,22 +141,21 @@ class Sampler:
         temperature, top_p = _float32(settings.temperature), _float32(settings.top_p)
         sampled = temperature > 0
         values = {
-            self.sampled: sampled,
             self.temperature: temperature if sampled else 1.0,
-            self.top_k: settings.top_k or self.vocab_size,
+            self.top_k: (settings.top_k or self.vocab_size) if sampled else 1,
             # top_p 0 keeps the best token only: a limit above 0 (the best has 0 before it) and below any probability.
             self.top_p: max(top_p, 1e-30) if top_p < 1 else 2.0,
             self.repetition_penalty: settings.repetition_penalty,
             self.presence_penalty: settings.presence_penalty,
             self.frequency_penalty: settings.frequency_penalty,
             self.min_tokens: settings.min_tokens,
-            self.seed_key: _mix32_int(settings.seed & _M32),
             self.generated: 0,
             self.counts: 0.0,
             self.repetition: 1.0,
         }
         for state, value in values.items():
             state[slot].fill_(value)
+        self.draw_keys[slot] = _mix32(self.indices ^ _mix32_int(settings.seed & _M32))
         self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
 
     def move(self, source: int, target: int) -> None:
@@ -158,39 +168,37 @@ class Sampler:
         """The next token of each row (`logits` [n, vocab] for `slots`, overwritten if float32: no
         copy of the vocabulary-wide scores); updates the rows' state.
 
-        `active` [n] (bool) marks the rows whose state advances (the others are padding in a batch
-        bucket). The CPU passes what it knows of the rows to skip work (`shortcuts()`): `candidates`,
-        how many of the best tokens top_k/top_p look at (None: all, one shape for CUDA graphs; 1:
-        every row is greedy), and `penalties=False` when no row uses one.
+        `active` [n] (bool) marks the rows whose token index advances (the others are padding in a
+        batch bucket). The CPU passes what it knows of the rows to skip work (`shortcuts()`):
+        `candidates`, how many of the best tokens top_k/top_p look at (None: all, one shape for CUDA
+        graphs; 1: every row is greedy), and `penalties=False` when no row uses one.
         """
         scores = self.scores(logits, slots, penalties)
         if candidates == 1:
             token = first_argmax(scores)
         else:
-            distribution = self.distribution(scores, slots, candidates)
-            drawn = distribution.draw(_mix32(self.seed_key[slots] ^ self.generated[slots])[:, None])[:, 0]
-            token = torch.where(self.sampled[slots], drawn, distribution.index[:, 0])
+            keys = self.draw_keys[self.slot_ids[slots], self.generated[slots]]
+            token = self.distribution(scores, slots, candidates).draw(keys[:, None])[:, 0]
         self.advance(slots, token, active)
         return token
 
     def advance(self, slots: slice | torch.Tensor, tokens: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """The rows' requests took `tokens` [n] (those `active`, when given)."""
+        """The rows' requests took `tokens` [n]. The rows not `active` (when given) keep their token
+        index; their counts and repetition table change, but a padding row's are not read before the
+        next start() in its slot sets them anew."""
         rows = self.slot_ids[slots]
-        if active is None:
-            self.generated[slots] += 1
-            self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
-            self.repetition[rows, tokens] = self.repetition_penalty[slots]
+        step = 1 if active is None else active
+        if isinstance(slots, slice):
+            self.generated[slots].add_(step)  # in place on the view (`+=` would copy the view onto itself after)
         else:
-            self.generated[slots] += active
-            self.counts.index_put_((rows, tokens), active.float(), accumulate=True)
-            self.repetition[rows, tokens] = torch.where(active, self.repetition_penalty[slots], self.repetition[rows, tokens])
+            self.generated[slots] += step
+        self.counts.index_put_((rows, tokens), self.ones[slots], accumulate=True)
+        self.repetition.index_put_((rows, tokens), self.repetition_penalty[slots])
 
     def scores(self, logits: torch.Tensor, slots: slice | torch.Tensor, penalties: bool = True) -> torch.Tensor:
         """The rows' scores after the penalties and the hold on EOS (finite or -inf)."""
-        own = logits.dtype == torch.float32
-        scores = _finite_or_minus_inf(logits if own else logits.float(), out=logits if own else None)
-        if penalties:
-            scores = self._penalised(scores, slots)
+        scores = logits if logits.dtype == torch.float32 else logits.float()
+        scores = self._penalised(scores, slots) if penalties else _finite_or_minus_inf(scores, out=scores)
         scores[:, self.eos_id].masked_fill_(self.generated[slots] < self.min_tokens[slots], -torch.inf)
         return scores
 
@@ -199,7 +207,7 @@ class Sampler:
 
         The GPU's shape sorts every candidate (`candidates` None); the CPU's looks at the best
         `candidates` only, unless scores tie across the last one's place. Both rank equal scores by
-        token id, so they keep the same tokens.
+        token id, so they keep the same tokens, with the same weights to the last bit.
         """
         k = candidates or self.vocab_size
         if k < self.vocab_size:
@@ -213,27 +221,25 @@ class Sampler:
                 top, index = _ties_by_token_id(top[:, :k], index[:, :k])
         if k == self.vocab_size:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
-        # Temperature keeps the order, so it applies to the candidates only, shifted to a maximum of 0.
-        best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)  # a row of only -inf stays -inf, not NaN
-        top = (top - best) / self.temperature[slots][:, None]
-        return Distribution(top.masked_fill(self._truncated(top, slots), -torch.inf), index, self.vocab_size,
-                            self.block_ids, self.offsets)
+        # Temperature keeps the order, so it applies to the candidates only, shifted to a best of 0:
+        # weights in [0, 1], the best's 1 (a row of only -inf: all 0, not NaN).
+        best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)
+        weight = ((top - best) / self.temperature[slots][:, None]).exp()
+        weight = weight.masked_fill(self.ranks[: top.shape[-1]] >= self.top_k[slots][:, None], 0)
+        # top_p: the smallest set of the best whose share of what top_k kept reaches it (the best
+        # always: nothing comes before it, and the limit is above 0).
+        mass = weight.cumsum(dim=-1)
+        removed = mass - weight >= self.top_p[slots][:, None] * mass[:, -1:]
+        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms)
 
     def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
+        """The penalties applied to `scores`, then made finite or -inf (NaN logits too)."""
         repetition = self.repetition[slots]  # 1 for tokens not seen: scores * 1 and scores / 1 are exact
         scores = torch.where(scores < 0, scores * repetition, scores / repetition)
         counts = self.counts[slots]
         scores = torch.addcmul(scores, self.frequency_penalty[slots][:, None], counts, value=-1)
         scores = torch.addcmul(scores, self.presence_penalty[slots][:, None], counts.clamp(max=1), value=-1)
         return _finite_or_minus_inf(scores, out=scores)
-
-    def _truncated(self, top: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
-        """Which of the sorted candidates top_k and top_p remove (never the best: top_k is at least 1,
-        and top_p's limit is above 0, the probability before the best)."""
-        removed = self.ranks[: top.shape[-1]] >= self.top_k[slots][:, None]
-        probs = torch.softmax(top.masked_fill(removed, -torch.inf), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
-        return removed | (before >= self.top_p[slots][:, None])  # the smallest set reaching top_p stays
 
 
 def shortcuts(settings: list[RowSettings]) -> dict:
@@ -292,24 +298,15 @@ def draw_key(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _mix32(_mix32(seed & _M32) ^ (index & _M32))
 
 
-def gumbel_noise(key: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise for `ids` under `key` (broadcast): a pure function of the two.
+def log_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """log(u) for a uniform u from 32 random bits: finite and below 0 for every value of them (a test tries all).
 
-    No generator state, and keyed by id, not by rank, so ties in the scores cannot reorder it. The key
-    plus a Weyl sequence over the ids, through a full-avalanche mixer (as SplitMix does).
+    The top 23 bits b give u = (b + 0.5) / 2^23, exact in float32 (b + 0.5 needs 24 bits), so it
+    lies in [2^-24, 1 - 2^-24]: log(u) is never 0, so a removed token's log(u) / 0 is -inf, not NaN.
+    With 24 bits the largest, 2^24 - 0.5, rounds to 2^24: u = 1, log(u) = 0, and 0 / 0 = NaN is what
+    argmax takes (the bug that once drew a token top_k had removed).
     """
-    return gumbel_of_bits(_mix32((key + ids * 0x9E3779B1) & _M32))
-
-
-def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from 32 random bits, finite for every one of their values (a test tries all).
-
-    The top 23 bits b give uniform = (b + 0.5) / 2^23, exact in float32 (b + 0.5 needs 24 bits), so it
-    lies in [2^-24, 1 - 2^-24] and both logs stay finite. With 24 bits the largest, 2^24 - 0.5, rounds to
-    2^24: uniform 1.0, noise +inf, and a token top_k/top_p had removed (-inf + inf = NaN) was drawn.
-    """
-    uniform = ((bits >> 9).float() + 0.5) * 2.0**-23
-    return -torch.log(-torch.log(uniform))
+    return torch.log(((bits >> 9) + 0.5) * 2.0**-23)
 
 
 def _float32(x: float) -> float:

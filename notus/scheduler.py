@@ -101,7 +101,7 @@ class Scheduler:
         self.cuda_graphs = self.cuda if cuda_graphs is None else cuda_graphs
         self.cache = KVCache(model.config, slots, self.device, model.dtype)
         self.forward = Forward(model, self.cache)
-        self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device)
+        self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device, model.config.max_position_embeddings)
         self.window = self.cache.window
         self.prefixes = PrefixCache(slots, self.window) if reuse else None
         # Decode inputs per slot, on the device: the last token, its position, whether it decodes.
@@ -392,7 +392,7 @@ class Scheduler:
         active = self.active[:batch]
         logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, lengths)
         self.tokens[:batch] = self.sampler.sample(logits, slice(0, batch), active, candidates, penalties)
-        self.positions[:batch] += active
+        self.positions[:batch].add_(active)  # in place on the view: `+=` would copy it onto itself after
         return logits
 
     def _shortcuts(self, rows: list[Request]) -> dict:

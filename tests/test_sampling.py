@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler, draw_key, first_argmax, gumbel_noise, gumbel_of_bits, shortcuts, top_k
+from notus.sampling import RowSettings, Sampler, draw_key, first_argmax, log_uniform, shortcuts, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
@@ -172,7 +172,7 @@ def test_equal_scores_keep_the_same_tokens_whatever_candidates_the_batch_looks_a
     for candidates in (None, settings.top_k, 60, 200):
         sampler, row = started(1, settings, [1], []), torch.tensor([0])
         distribution = sampler.distribution(sampler.scores(logits.clone(), row), row, candidates)
-        kept[candidates] = sorted(distribution.index[0][torch.isfinite(distribution.top[0])].tolist())
+        kept[candidates] = sorted(distribution.index[0][distribution.weight[0] > 0].tolist())
         drawn[candidates] = distribution.draw(keys)
     assert len(kept[None]) % 5, "the cut must split a group of equal scores for this test to mean anything"
     assert all(tokens == kept[None] for tokens in kept.values())
@@ -195,21 +195,21 @@ def test_two_pass_top_k_equals_topk(k):
     assert torch.equal(scores.gather(1, tokens), values)
 
 
-def test_the_noise_is_finite_for_every_value_of_its_random_bits():
-    # gumbel_of_bits reads the top 23 of the hash's 32 bits: each of their 2^23 values, with the 9
-    # bits it drops all clear and all set.
+def test_the_noise_is_finite_and_below_zero_for_every_value_of_its_random_bits():
+    """log(u) / weight: a removed token (weight 0) must score -inf, never NaN (0 / 0), whatever the
+    bits. log_uniform reads the top 23 of the hash's 32 bits: each of their 2^23 values, with the 9
+    bits it drops all clear and all set."""
     top = torch.arange(2**23, dtype=torch.long) << 9
     for dropped in (0, 2**9 - 1):
-        noise = gumbel_of_bits(top | dropped)
-        assert torch.isfinite(noise).all()
-    assert noise.min() > -3 and noise.max() < 17  # Gumbel's range at this resolution
+        noise = log_uniform(top | dropped)
+        assert torch.isfinite(noise).all() and (noise < 0).all()
+        assert (noise / 0 == -torch.inf).all()
+    assert noise.min() > -17  # log(2^-24)
 
 
 def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
-    """The draw that picked a removed token with 24-bit noise (its noise was +inf: -inf + inf is NaN,
-    which argmax takes): seed 1, token index 829, token 28884, when noise was drawn for every token.
-    The GPU's shape."""
-    assert torch.isfinite(gumbel_noise(draw_key(torch.tensor([1]), torch.tensor([829])), torch.tensor([28884])))
+    """The settings and token index that once drew a removed token (with 24-bit noise: seed 1, token
+    index 829, token 28884). The GPU's shape."""
     sampler = Sampler(1, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=0.7, top_k=50, top_p=0.95, seed=1), torch.tensor([1]))
     sampler.generated[0] = 829
@@ -243,6 +243,6 @@ def test_settings_are_read_as_float32_holds_them():
     sampler.start(1, RowSettings(temperature=1.0, top_p=1 - 2**-26, seed=1), torch.tensor([3]))
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
     distribution = sampler.distribution(sampler.scores(logits.clone(), slice(0, 2)), slice(0, 2))
-    assert not distribution.top.isnan().any()
-    assert torch.isfinite(distribution.top[1]).all()  # every token kept
+    assert not distribution.weight.isnan().any()
+    assert (distribution.weight[1] > 0).all()  # every token kept
     assert sampler.sample(logits.clone(), slice(0, 2))[0] == logits[0].argmax()
