@@ -16,6 +16,13 @@ coglet 0.23.1 (`crates/coglet-python/src/predictor.rs`, `worker_bridge.rs`): it 
 asyncio module at each call, and cancels with that future's `cancel()`. Where that no longer holds,
 replies still stream but a cancel waits for the reply's end: setup and the first prediction say so,
 and tests/test_streaming.py fails.
+
+A cancel that lands while coglet is still handing the prediction over arrives another way: as an
+exception injected into the prediction's thread (`PyThreadState_SetAsyncExc`, worker_bridge.rs),
+raised at whatever line that thread runs next, after which coglet reports `canceled` and never
+cancels the future. It may land in the generator before its `try` or inside its `finally`, before
+the cancel there; so the `try` opens before the pump is submitted, and the pump (on the event loop,
+where no injected exception lands) stops at the next piece once the generator has ended or gone.
 """
 
 from __future__ import annotations
@@ -54,6 +61,15 @@ class _Cancel:
         self._lock = threading.Lock()
         self.cancelled = False
         self._pumping: asyncio.Task | None = None
+        self.reader: weakref.ref | None = None  # the generator coglet iterates
+
+    def reader_gone(self) -> bool:
+        """The generator coglet iterates has ended or been dropped: nobody reads another piece. Checked
+        on the event loop, where the exception coglet injects into its prediction's thread cannot land."""
+        if self.reader is None:
+            return False
+        reader = self.reader()
+        return reader is None or reader.gi_frame is None
 
     def cancel(self) -> None:  # on any thread
         with self._lock:
@@ -129,7 +145,10 @@ def stream(pieces: AsyncIterator[str]) -> Iterator[str]:
         _warned = True
         log.warning("this prediction was not submitted the way coglet %s does it: a cancel or a client gone "
                     "will not stop generation before the reply ends (notus/coglet_stream.py)", CHECKED_COGLET)
-    return _pull(pieces, asyncio.get_running_loop(), contextvars.copy_context(), cancel or _Cancel())
+    cancel = cancel or _Cancel()
+    reader = _pull(pieces, asyncio.get_running_loop(), contextvars.copy_context(), cancel)
+    cancel.reader = weakref.ref(reader)
+    return reader
 
 
 def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: contextvars.Context,
@@ -141,8 +160,9 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
     # Started by the first next(): nothing is generated for a prediction coglet never iterates. It runs
     # in a copy of the prediction's context (coglet routes logs and metrics by it) and never waits for
     # this thread, so a slow reader costs no engine time; one wake-up here hands over what is ready.
-    pumping = context.run(_submit, _pump(pieces, queue, cancel), loop)
-    try:
+    pumping = None
+    try:  # before the pump is submitted: an exception coglet injects from here on still stops it
+        pumping = context.run(_submit, _pump(pieces, queue, cancel), loop)
         while True:
             item = queue.get()
             if item is _END:
@@ -156,7 +176,7 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
         # Left early (a cancel, an error, coglet stopped iterating): the engine's request ends, and its
         # metrics are recorded, before coglet ends the prediction. A no-op once the pump has ended.
         cancel.cancel()
-        if threading.get_ident() == reader:  # not when the garbage collector closes it on another thread:
+        if pumping is not None and threading.get_ident() == reader:  # not when the GC closes it on another thread:
             concurrent.futures.wait([pumping])  # the loop's or the engine's, which the pump waits for
 
 
@@ -166,6 +186,8 @@ async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel)
             raise asyncio.CancelledError()
         async with aclosing(pieces):
             async for piece in pieces:
+                if cancel.reader_gone():  # coglet ended the prediction and our finally did not run (below)
+                    raise asyncio.CancelledError()
                 queue.put(piece)
         queue.put(_END)
     except BaseException as error:

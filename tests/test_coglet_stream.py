@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import gc
 import threading
 import time
@@ -219,3 +220,47 @@ def test_without_the_hook_replies_still_stream_and_it_says_a_cancel_cannot_reach
     finally:
         coglet.close()
     assert "a cancel or a client gone will not stop generation" in caplog.text
+
+
+class CancelationException(BaseException):
+    """What coglet injects into a prediction's thread when a cancel lands as it hands the prediction over."""
+
+
+def _inject_cancel(thread_id: int) -> None:
+    """As coglet's worker_bridge.rs does: PyThreadState_SetAsyncExc, raised at the thread's next line."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CancelationException))
+
+
+@pytest.mark.parametrize("where", ["as the pump is submitted", "in the generator's finally, before its cancel"])
+def test_a_cancel_coglet_injects_into_the_predictions_thread_stops_the_source(coglet, monkeypatch, where):
+    """coglet 0.23.1 reports `canceled` once the injected exception leaves the generator and never
+    cancels the future: the source must stop anyway (before the fix it made every piece of the reply,
+    for nobody, seen once in tests/test_streaming.py's 40 early cancels)."""
+    gc.disable()  # the generator stays referenced here: only its end can tell the pump
+    try:
+        source = Source(pieces=1000, every=0.005)
+        submit = coglet_stream._submit
+
+        def submit_then_inject(coro, loop):
+            future = submit(coro, loop)
+            if where == "as the pump is submitted" and coro.__name__ == "_pump":
+                _inject_cancel(threading.get_ident())
+            return future
+
+        monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
+        if where != "as the pump is submitted":  # one lands mid-stream, a second one (coglet sends two) in the finally
+            def cancel_interrupted(self):
+                raise CancelationException()
+
+            monkeypatch.setattr(coglet_stream._Cancel, "cancel", cancel_interrupted)
+            threading.Timer(0.1, _inject_cancel, (threading.get_ident(),)).start()
+        generator = coglet.submit(predict(source)).result(5)
+        with pytest.raises(CancelationException):
+            for _ in generator:
+                pass
+        assert source.closed.wait(1), "the source still generates after coglet reported canceled"
+        made = len(source.made)
+        time.sleep(0.1)
+        assert len(source.made) == made
+    finally:
+        gc.enable()
