@@ -353,10 +353,11 @@ class Scheduler:
         lengths = [1] * batch  # rows not decoding (the batch bucket's padding) read one
         for r in rows:
             lengths[r.slot] = min(len(r.input_ids) + r.sampled, self.window)
+        live = sum(lengths[r.slot] for r in rows)  # each decoding row's own entries
         try:
             if self.cuda_graphs:
                 length = self._bucket(self.length_buckets, max(lengths))
-                self._count_kv(rows, lengths, sum(lengths) if self.forward.varlen else batch * length)
+                self._count_kv(sum(lengths) if self.forward.varlen else batch * length, live)
                 if (batch, length) in self.graphs:
                     self.graphs[batch, length].replay()
                 else:
@@ -366,7 +367,7 @@ class Scheduler:
                     # Rows of similar lengths: one masked call over the longest reads at most twice
                     # what is live, and costs less than a call per row (kept for lengths far apart).
                     lengths = max(lengths)
-                self._count_kv(rows, lengths, batch * lengths if isinstance(lengths, int) else sum(lengths))
+                self._count_kv(batch * lengths if isinstance(lengths, int) else sum(lengths), live)
                 self._step(batch, lengths, **self._shortcuts(rows))
         except Exception as e:  # a failing step fails the requests in it
             self._fail(rows, e)
@@ -378,11 +379,11 @@ class Scheduler:
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
 
-    def _count_kv(self, rows: list[Request], lengths, read: int) -> None:
+    def _count_kv(self, read: int, live: int) -> None:
         """Adds this step's ring entries read by attention and those live (each decoding row's own) to
         `kv_entries`: what a step reads beyond what it needs (x `cache.bytes_per_entry` for bytes)."""
         self.kv_entries["read"] += read
-        self.kv_entries["live"] += sum(min(len(r.input_ids) + r.sampled, self.window) for r in rows)
+        self.kv_entries["live"] += live
         self.kv_entries["steps"] += 1
 
     def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None,

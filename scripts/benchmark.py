@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
 import statistics
@@ -79,6 +78,7 @@ from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
 from versus_transformers import add_scaling, versus_row, versus_table  # noqa: E402
 from burst_benchmark import burst_row, burst_table  # noqa: E402
+from request_streams import stream_all  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
@@ -278,23 +278,11 @@ def percentile(values: list[float], q: float) -> float:
 def run_streams(engine: Engine, prompts: list[list[int]], streams: int, new_tokens: int) -> dict:
     """Every prompt, `streams` of them in flight at a time, as concurrent predictions on the one
     event loop of Cog's worker (each stream starts the next prompt as soon as its last one ends)."""
-    in_flight = asyncio.Semaphore(streams) if streams < len(prompts) else contextlib.nullcontext()
-
-    async def one(i: int) -> tuple[GenerationStats, float]:
-        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95,
-                                top_k=50, seed=i)
-        async with in_flight:
-            stats = GenerationStats()
-            async for _ in engine.stream_ids(prompts[i], params, stats):
-                pass
-            return stats, time.perf_counter()
-
-    async def all_of_them() -> tuple[float, list]:
-        start = time.perf_counter()
-        return start, await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    def params_of(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.7, top_p=0.95, top_k=50, seed=i)
 
     before = dict(engine.scheduler.kv_entries)
-    start, done = asyncio.run(all_of_them())
+    start, done = stream_all(engine, prompts, params_of, limit=streams)
     end = max(t for _, t in done)
     kv = {k: engine.scheduler.kv_entries[k] - before[k] for k in before}
     per_entry = engine.scheduler.cache.bytes_per_entry

@@ -12,14 +12,13 @@ last token (medians); then one at a time / packed for the p50 and the p95 (highe
 
 from __future__ import annotations
 
-import asyncio
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from notus.engine import Engine, GenerationStats
+from notus.engine import Engine
 from notus.params import SamplingParams
+from request_streams import stream_all
 
 NEW_TOKENS = 16
 PATHS = {"packed": True, "one_at_a_time": False}
@@ -46,19 +45,9 @@ def burst_run(engine: Engine, prompts: list[list[int]], pack: bool) -> dict:
     """The prompts at once; each one's time to first token, the prefill forwards, the wall time."""
     engine.scheduler.call(lambda: setattr(engine.scheduler, "pack", pack))  # between turns, on its thread
 
-    async def one(i: int) -> tuple[GenerationStats, float]:
-        stats = GenerationStats()
-        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0, seed=i)
-        async for _ in engine.stream_ids(prompts[i], params, stats):
-            pass
-        return stats, time.perf_counter()
-
-    async def all_of_them() -> tuple[float, list]:
-        start = time.perf_counter()
-        return start, await asyncio.gather(*(one(i) for i in range(len(prompts))))
-
     with counted_prefills(engine) as prefills:
-        start, done = asyncio.run(all_of_them())
+        start, done = stream_all(engine, prompts, lambda i: SamplingParams(
+            max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0, seed=i))
     assert all(stats.output_token_count == NEW_TOKENS for stats, _ in done), "a request ended early"
     return {"ttfts": [stats.time_to_first_token for stats, _ in done], "prefill_forwards": len(prefills),
             "wall_seconds": max(end for _, end in done) - start}

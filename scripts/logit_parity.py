@@ -66,20 +66,20 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
     return out
 
 
-def pinned_kernel(model, use: str) -> str:
+def pinned_kernel(forward: Forward, use: str) -> str:
     """The kernel `use` is meant to run: decode's is FlashAttention's variable-length one where it
-    passed its check on this GPU (notus/decode_attention.py), else SDPA's pinned kernel."""
-    if use == "decode" and Forward(model, KVCache(model.config, slots=1, device=model.device, dtype=model.dtype)).varlen:
+    passed its check on this GPU when `forward` was built (notus/decode_attention.py), else SDPA's pinned kernel."""
+    if use == "decode" and forward.varlen:
         return "varlen_attn (FlashAttention, each row's own length)"
     return ATTENTION_KERNELS[use].name
 
 
 @torch.inference_mode()
-def attention_kernels(model) -> dict[str, list[str]]:
-    """{use: the attention ops and GPU kernels that ran} for each use `ATTENTION_KERNELS` pins (a first
-    prefill chunk, a later one, a decode step in a graph's masked shape), by the profiler: aten's
-    `_scaled_dot_product_flash_attention` / `_efficient_attention` and their kernels. The math kernel
-    would show as softmax."""
+def attention_kernels(model) -> dict[str, dict]:
+    """{use: {"pinned": the kernel meant to run, "ran": the attention ops and GPU kernels that ran}}
+    for each use `ATTENTION_KERNELS` pins (a first prefill chunk, a later one, a decode step), by the
+    profiler: aten's `_scaled_dot_product_flash_attention` / `_efficient_attention` /
+    `_flash_attention_forward` and their kernels. The math kernel would show as softmax."""
     from torch.profiler import ProfilerActivity, profile
 
     device = model.device
@@ -98,7 +98,8 @@ def attention_kernels(model) -> dict[str, list[str]]:
             run()
             torch.cuda.synchronize()
         names = {event.key for event in profiler.key_averages()}
-        kernels[use] = sorted(n for n in names if any(w in n.lower() for w in ("flash", "fmha", "attention", "softmax")))
+        ran = sorted(n for n in names if any(w in n.lower() for w in ("flash", "fmha", "attention", "softmax")))
+        kernels[use] = {"pinned": pinned_kernel(forward, use), "ran": ran}
     return kernels
 
 
@@ -140,8 +141,7 @@ def main() -> None:
     kernels = attention_kernels(model) if model.device.type == "cuda" else {}
     report = {"model": description, **run_facts(args.device), "dtype": str(model.dtype), "length": LENGTH,
               "prompt_tokens": len(prompt), "bound": bound, "rows": rows, "passed": not failed,
-              "attention_kernels": {use: {"pinned": pinned_kernel(model, use), "ran": names}
-                                    for use, names in kernels.items()}}
+              "attention_kernels": kernels}
     path = write_report(args.out, f"logits-{args.device}", report)
     print(f"{description} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "
           f"teacher-forced logits against transformers' forward, bound {bound:g} of the logits' spread")

@@ -30,7 +30,6 @@ The paths take turns within each repetition, so a slow spell of the machine touc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import statistics
 import threading
@@ -41,9 +40,10 @@ from math import ceil
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from notus.engine import Engine, GenerationStats
+from notus.engine import Engine
 from notus.params import SamplingParams
 from notus.scheduler import CHUNK
+from request_streams import stream_all
 
 PATHS = ("project", "static", "continuous")
 WARM_UP_TOKENS = 8
@@ -54,19 +54,9 @@ QUIET_LOGGERS = ("transformers.generation.utils", "ContinuousBatchingLogger")
 def project_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """The prompts as concurrent predictions on one event loop, as in Cog's worker."""
 
-    async def one(i: int) -> tuple[int, float]:
-        stats = GenerationStats()
-        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, seed=i)
-        async for _ in engine.stream_ids(prompts[i], params, stats):
-            pass
-        return stats.output_token_count, time.perf_counter()
-
-    async def all_of_them() -> tuple[float, list]:
-        start = time.perf_counter()
-        return start, await asyncio.gather(*(one(i) for i in range(len(prompts))))
-
-    start, done = asyncio.run(all_of_them())
-    return {"seconds": max(end for _, end in done) - start, "tokens": sum(count for count, _ in done)}
+    start, done = stream_all(engine, prompts, lambda i: SamplingParams(
+        max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, seed=i))
+    return {"seconds": max(end for _, end in done) - start, "tokens": sum(stats.output_token_count for stats, _ in done)}
 
 
 def transformers_config(engine: Engine, new_tokens: int) -> GenerationConfig:
