@@ -134,22 +134,19 @@ class Engine:
         log.info("warm-up done in %.2f s (%d CUDA graphs captured in %.2f s)",
                  time.perf_counter() - t0, graphs, t_graphs)
 
-    async def stream(
+    def stream(
         self, system_prompt: str, prompt: str, params: SamplingParams, stats: GenerationStats | None = None
     ) -> AsyncIterator[str]:
         """Text of the reply to one system + user exchange (see stream_conversation)."""
-        async with aclosing(self.stream_conversation(conversation(prompt, system_prompt), params, stats)) as pieces:
-            async for piece in pieces:
-                yield piece
+        return self.stream_conversation(conversation(prompt, system_prompt), params, stats)
 
-    async def stream_conversation(
+    def stream_conversation(
         self, turns: Conversation, params: SamplingParams, stats: GenerationStats | None = None
     ) -> AsyncIterator[str]:
-        """Text of the reply to a conversation (notus/messages.py checks it), as soon as each piece
-        is complete. Fills `stats` as it goes."""
-        async with aclosing(self.stream_ids(self.prompt.conversation_ids(turns), params, stats)) as pieces:
-            async for piece in pieces:
-                yield piece
+        """Text of the reply to a conversation (notus/messages.py checks it, here), as soon as each
+        piece is complete. Fills `stats` as it goes. The templated prompt's stream_ids() itself: no
+        generator in between for every piece to pass through."""
+        return self.stream_ids(self.prompt.conversation_ids(turns), params, stats)
 
     async def stream_ids(
         self, input_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None
