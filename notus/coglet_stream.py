@@ -182,7 +182,7 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
 
 async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> None:
     try:
-        if not cancel.start_pumping():
+        if not cancel.start_pumping() or cancel.reader_gone():  # gone already: never start the engine's request
             raise asyncio.CancelledError()
         async with aclosing(pieces):
             async for piece in pieces:

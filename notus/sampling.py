@@ -96,14 +96,14 @@ class Sampler:
     The settings are stored in the form the step uses, so that a step spends no operation on them:
     greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k off as the
     whole vocabulary, top_p off as 2 (never reached). The draws' keys are a table per slot, made at
-    the request's start from its seed, one for each token index up to `max_tokens`. The repetition
+    the request's start from its seed, one for each token index up to `context_length`. The repetition
     penalty is a table per slot, the penalty on every token of the prompt and the reply so far and 1
     elsewhere, so that penalising is one pass. `slots` is a slice (the decode step's rows 0..n-1:
     every read of a setting is a view) or a tensor of slot ids (the first tokens of prefilled
     requests, tests).
     """
 
-    def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device, max_tokens: int = 32768):
+    def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device, context_length: int = 32768):
         if vocab_size % BLOCK:
             raise ValueError(f"the vocabulary must split into blocks of {BLOCK} tokens, got {vocab_size}")
         self.vocab_size, self.eos_id = vocab_size, eos_id
@@ -120,12 +120,13 @@ class Sampler:
         self.min_tokens = per_slot(0, torch.long)
         self.generated = per_slot(0, torch.long)  # tokens sampled so far: the draw's index in `draw_keys`
         self.ones = per_slot(1.0, torch.float32)
-        # draw_key(seed, i) for i in 0..max_tokens (max_tokens itself: a finished row's padding steps read it).
-        self.draw_keys = torch.zeros(slots, max_tokens + 1, dtype=torch.long, device=device)
+        # draw_key(seed, i) for each token index a request can reach (a reply of at most the context;
+        # the last index: a finished row's padding steps read it).
+        self.draw_keys = torch.zeros(slots, context_length + 1, dtype=torch.long, device=device)
         self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)  # in the reply
         self.repetition = torch.ones(slots, vocab_size, dtype=torch.float32, device=device)  # prompt + reply
         self.slot_ids = torch.arange(slots, device=device)
-        self.indices = torch.arange(max_tokens + 1, device=device)
+        self.indices = torch.arange(context_length + 1, device=device)
         self.ranks = torch.arange(vocab_size, device=device)
         ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)]).to(device)
         self.noise_terms = (ids * 0x9E3779B1) & _M32  # a Weyl sequence over the ids (as SplitMix's)
@@ -155,7 +156,7 @@ class Sampler:
         }
         for state, value in values.items():
             state[slot].fill_(value)
-        self.draw_keys[slot] = _mix32(self.indices ^ _mix32_int(settings.seed & _M32))
+        self.draw_keys[slot] = draw_key(settings.seed, self.indices)
         self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
 
     def move(self, source: int, target: int) -> None:
@@ -293,7 +294,7 @@ def _ties_by_token_id(top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
     return top, index.gather(1, by_score)
 
 
-def draw_key(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def draw_key(seed: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The key of a request's draw for its token `index`: a pure function of (seed, index)."""
     return _mix32(_mix32(seed & _M32) ^ (index & _M32))
 
@@ -314,16 +315,7 @@ def _float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _mix32_int(x: int) -> int:
-    """_mix32 of one Python integer (a request's seed, hashed once at its start)."""
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) & _M32
-    x ^= x >> 15
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32) in int64 arithmetic, so nothing overflows."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32

@@ -101,7 +101,8 @@ class Scheduler:
         self.cuda_graphs = self.cuda if cuda_graphs is None else cuda_graphs
         self.cache = KVCache(model.config, slots, self.device, model.dtype)
         self.forward = Forward(model, self.cache)
-        self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device, model.config.max_position_embeddings)
+        self.context_length = model.config.max_position_embeddings
+        self.sampler = Sampler(slots, model.config.vocab_size, eos_id, self.device, self.context_length)
         self.window = self.cache.window
         self.prefixes = PrefixCache(slots, self.window) if reuse else None
         # Decode inputs per slot, on the device: the last token, its position, whether it decodes.
@@ -190,6 +191,10 @@ class Scheduler:
             else:
                 item.queued_at = time.perf_counter()
                 self._waiting.append(item)
+                if len(item.input_ids) + item.max_tokens > self.context_length:  # Engine fits them first
+                    # Its token indices would run past the sampler's tables (on a GPU, a device assert).
+                    self._fail([item], ValueError(f"{len(item.input_ids)} prompt tokens and max_tokens "
+                                                  f"{item.max_tokens} exceed the context of {self.context_length}"))
 
     def _drop_stopped(self) -> None:
         for request in [*self._waiting, *self._prefilling, *self._decoding]:

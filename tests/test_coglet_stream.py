@@ -266,3 +266,37 @@ def test_a_cancel_coglet_injects_into_the_predictions_thread_stops_the_source(co
         assert len(source.made) == made
     finally:
         gc.enable()
+
+
+def test_a_pump_whose_reader_has_already_gone_does_not_start_the_source(coglet, monkeypatch):
+    """The injected exception lands right after the pump is submitted and a second one in the finally
+    before its cancel (coglet sends two): the generator has ended before the pump starts. Noticed
+    only at the first piece, the engine's request would have been admitted and prefilled for nobody."""
+    gc.disable()
+    try:
+        source = Source(pieces=1000, every=0.5)  # the first piece comes late (a long prompt's prefill)
+        submit = coglet_stream._submit
+        gate = threading.Event()
+
+        def submit_then_inject(coro, loop):
+            if coro.__name__ == "_pump":
+                loop.call_soon_threadsafe(gate.wait, 1)  # the pump starts only after the generator has ended
+            future = submit(coro, loop)
+            if coro.__name__ == "_pump":
+                _inject_cancel(threading.get_ident())
+            return future
+
+        def cancel_interrupted(self):
+            raise CancelationException()
+
+        monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
+        monkeypatch.setattr(coglet_stream._Cancel, "cancel", cancel_interrupted)
+        generator = coglet.submit(predict(source)).result(5)
+        with pytest.raises(CancelationException):
+            next(generator)
+        assert generator.gi_frame is None
+        gate.set()
+        time.sleep(0.2)
+        assert not source.started.is_set(), "the engine's request started for a reader already gone"
+    finally:
+        gc.enable()

@@ -111,7 +111,7 @@ def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabula
         assert chi2 <= chi_square_limit(dof), f"{shape}: chi2 {chi2:.1f} > {chi_square_limit(dof):.1f} ({dof} dof)"
         drawn[shape] = tokens
 
-        # sample() itself: rows at token indices 0..199, inactive so that their state stays as it is.
+        # sample() itself: rows at token indices 0..199, inactive so that their token index stays as it is.
         rows = 200
         sampler = started(rows, settings, prompt, reply)
         sampler.generated[:] = torch.arange(rows)

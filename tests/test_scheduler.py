@@ -145,6 +145,20 @@ def test_a_cancel_during_a_20000_token_prefill_frees_the_engine_within_2_s(engin
     assert engine_ids(engine, long_prompt(engine, 30), max_tokens=5, **GREEDY)  # the next one runs
 
 
+def test_a_request_past_the_context_fails_alone_with_what_it_asked(engine):
+    """Engine lowers max_tokens to fit the context; a request that still runs past it (its token
+    indices past the sampler's key table: a device assert on a GPU) fails with a clear error on the
+    engine thread, and the next request runs."""
+    async def past_the_context():
+        params = SamplingParams(max_tokens=engine.context_length - 5, **GREEDY)
+        async for _ in engine._generate_ids(long_prompt(engine, 10), params, 0):
+            pass
+
+    with pytest.raises(ValueError, match=f"10 prompt tokens and max_tokens {engine.context_length - 5} exceed"):
+        asyncio.run(past_the_context())
+    assert len(engine_ids(engine, long_prompt(engine, 30), max_tokens=5, min_tokens=5, **GREEDY)) == 5
+
+
 def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monkeypatch):
     prompts = [long_prompt(engine, 20 + 30 * i) for i in range(4)]
     poisoned = long_prompt(engine, 77)
