@@ -55,6 +55,9 @@ class Distribution:
     index: torch.Tensor
     vocab: int
     noise_terms: torch.Tensor  # the blocks' noise ids then the places in a block, Weyl-scrambled (Sampler)
+    # Block weights summed in token-id order, one kernel (a GPU's way: atomic adds in rank order would
+    # vary from run to run), else added one by one in rank order (the CPU's). A test sets it on the CPU.
+    token_order_sums: bool = False
 
     def draw(self, keys: torch.Tensor) -> torch.Tensor:
         """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
@@ -69,12 +72,12 @@ class Distribution:
         # Every token's weight in token-id order, where the tokens of the chosen block are read from
         # there (the GPU's shape: every token a candidate) or the block weights summed there (CUDA).
         by_id = None
-        if c == self.vocab or self.weight.is_cuda:
+        if c == self.vocab or self.token_order_sums:
             by_id = self.weight.new_zeros(n, self.vocab).scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
         # Each block's weight, the same bits in either shape and on every run: on a GPU summed by one
         # kernel over the weights in token-id order (atomic adds would vary); on the CPU added one by
         # one in rank order (no [n, vocab] buffer to fill at each step in the CPU's shape).
-        if self.weight.is_cuda:
+        if self.token_order_sums:
             block_weight = by_id.sum(dim=-1)
         else:
             block_weight = self.weight.new_zeros(n, blocks).scatter_add_(1, self.index // BLOCK, self.weight)
@@ -231,7 +234,8 @@ class Sampler:
         # always: nothing comes before it, and the limit is above 0).
         mass = weight.cumsum(dim=-1)
         removed = mass - weight >= self.top_p[slots][:, None] * mass[:, -1:]
-        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms)
+        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms,
+                            token_order_sums=weight.is_cuda)
 
     def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
         """The penalties applied to `scores`, then made finite or -inf (NaN logits too)."""
