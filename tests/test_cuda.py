@@ -12,6 +12,7 @@ from logit_parity import attention_kernels
 from notus.engine import Engine
 from notus.loading import load_model
 from notus.sampling import RowSettings
+from test_sampling import DrawCase, started
 from test_scheduler import engine_ids, long_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -94,3 +95,14 @@ def test_the_pinned_attention_kernels_take_each_shape_in_bf16(tiny_weights, monk
     assert "varlen" in found["decode"]["pinned"]
     assert any("flash" in name.lower() for name in kernels["decode"]), kernels
     assert not any("softmax" in name.lower() for names in kernels.values() for name in names), kernels
+
+
+@pytest.mark.parametrize("name", ["reported", "penalties"])
+def test_the_samplers_draws_on_the_gpu_follow_the_processed_distribution(name):
+    """The sampler's GPU shape with CUDA's own kernels (block weights summed in token-id order, the
+    scatter and the gathers): 10^5 draws checked as tests/test_sampling.py checks the CPU's."""
+    case, cuda = DrawCase.of(name), torch.device("cuda")
+    sampler, row = started(1, case.settings, case.prompt, case.reply, cuda), torch.tensor([0], device=cuda)
+    distribution = sampler.distribution(sampler.scores(case.logits.to(cuda), row), row)
+    assert distribution.token_order_sums
+    case.check(case.draws(distribution), f"cuda, {name}")

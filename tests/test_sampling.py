@@ -4,6 +4,7 @@ vocabulary, in the GPU's shape and the CPU's, penalties as their reference, seed
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -63,13 +64,13 @@ def chi_square_limit(dof: int, z: float = 3.72) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-def started(rows: int, settings: RowSettings, prompt: list[int], reply: list[int]) -> Sampler:
+def started(rows: int, settings: RowSettings, prompt: list[int], reply: list[int], device: torch.device = CPU) -> Sampler:
     """A sampler whose `rows` slots each hold a request with these settings, prompt and reply so far."""
-    sampler = Sampler(rows, VOCAB, EOS, CPU)
+    sampler = Sampler(rows, VOCAB, EOS, device)
     for slot in range(rows):
-        sampler.start(slot, settings, torch.tensor(prompt))
+        sampler.start(slot, settings, torch.tensor(prompt, device=device))
         for token in reply:  # the reply so far, as the sampler would have drawn it
-            sampler.advance(torch.tensor([slot]), torch.tensor([token]))
+            sampler.advance(torch.tensor([slot], device=device), torch.tensor([token], device=device))
     return sampler
 
 
@@ -85,21 +86,51 @@ SETTINGS = {
 }
 
 
+@dataclass
+class DrawCase:
+    """One setting's case for 10^5 draws: logits, prompt and reply, the expected counts, the keys of
+    token indices 0..DRAWS-1."""
+
+    settings: RowSettings
+    logits: torch.Tensor
+    prompt: list[int]
+    reply: list[int]
+    expected: torch.Tensor
+    keys: torch.Tensor
+
+    @classmethod
+    def of(cls, name: str) -> "DrawCase":
+        settings = RowSettings(**{**SETTINGS[name].__dict__, "seed": 7})
+        generator = torch.Generator().manual_seed(3)
+        logits = torch.randn(1, VOCAB, generator=generator) * 2.5  # a head of likely tokens, a long tail
+        prompt = torch.randint(0, VOCAB, (200,), generator=generator).tolist()
+        reply = torch.randint(0, VOCAB, (100,), generator=generator).tolist()
+        processed = torch.tensor(reference_penalties(logits[0].tolist(), prompt, reply, settings))
+        expected = reference_distribution(processed, settings) * DRAWS
+        keys = draw_key(torch.full((DRAWS,), settings.seed), torch.arange(DRAWS))[None, :]
+        return cls(settings, logits, prompt, reply, expected, keys)
+
+    def draws(self, distribution) -> torch.Tensor:
+        """The DRAWS tokens `distribution` (of one row) draws with the case's keys, on the CPU."""
+        keys = self.keys.to(distribution.weight.device)
+        return torch.cat([distribution.draw(chunk)[0] for chunk in keys.split(10_000, dim=1)]).cpu()
+
+    def check(self, tokens: torch.Tensor, shape: str) -> None:
+        """No removed token, and frequencies as the processed distribution's (chi-square)."""
+        counts = torch.bincount(tokens, minlength=VOCAB).double()
+        assert counts[self.expected == 0].sum() == 0, f"{shape}: drew a token the processing removed"
+        chi2, dof = chi_square(counts, self.expected)
+        assert chi2 <= chi_square_limit(dof), f"{shape}: chi2 {chi2:.1f} > {chi_square_limit(dof):.1f} ({dof} dof)"
+
+
 @pytest.mark.parametrize("name", SETTINGS)
 def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabulary(name):
     """10^5 draws over notus's 32,000 tokens, in the GPU's shape (every candidate sorted), the CPU's
     (the candidates its eager step looks at) and the GPU's shape with its block weights summed as
     CUDA does (the code no CPU run takes otherwise): no removed token ever, frequencies as the
     processed distribution's, and the very tokens `sample()` draws at those token indices."""
-    settings = RowSettings(**{**SETTINGS[name].__dict__, "seed": 7})
-    generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(1, VOCAB, generator=generator) * 2.5  # a head of likely tokens, a long tail
-    prompt = torch.randint(0, VOCAB, (200,), generator=generator).tolist()
-    reply = torch.randint(0, VOCAB, (100,), generator=generator).tolist()
-    processed = torch.tensor(reference_penalties(logits[0].tolist(), prompt, reply, settings))
-    expected = reference_distribution(processed, settings) * DRAWS
-    keys = draw_key(torch.full((DRAWS,), settings.seed), torch.arange(DRAWS))[None, :]  # token indices 0..DRAWS-1
-
+    case = DrawCase.of(name)
+    settings, logits, prompt, reply = case.settings, case.logits, case.prompt, case.reply
     drawn = {}
     candidates = shortcuts([settings])["candidates"]  # None with top_k 0: the CPU's shape is the GPU's
     shapes = {"gpu": None, **({"cpu": candidates} if candidates else {}), "gpu, block weights summed as on a GPU": None}
@@ -107,11 +138,8 @@ def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabula
         sampler, row = started(1, settings, prompt, reply), torch.tensor([0])
         distribution = sampler.distribution(sampler.scores(logits.clone(), row), row, candidates)
         distribution.token_order_sums = shape.endswith("on a GPU")  # the CUDA path's code, on the CPU
-        tokens = torch.cat([distribution.draw(chunk)[0] for chunk in keys.split(10_000, dim=1)])
-        counts = torch.bincount(tokens, minlength=VOCAB).double()
-        assert counts[expected == 0].sum() == 0, f"{shape}: drew a token the processing removed"
-        chi2, dof = chi_square(counts, expected)
-        assert chi2 <= chi_square_limit(dof), f"{shape}: chi2 {chi2:.1f} > {chi_square_limit(dof):.1f} ({dof} dof)"
+        tokens = case.draws(distribution)
+        case.check(tokens, shape)
         drawn[shape] = tokens
         if distribution.token_order_sums:  # its sums round otherwise: the same distribution, not the same bits
             continue
