@@ -190,11 +190,12 @@ class Scheduler:
                     future.set_exception(e)
             else:
                 item.queued_at = time.perf_counter()
-                self._waiting.append(item)
                 if len(item.input_ids) + item.max_tokens > self.context_length:  # Engine fits them first
                     # Its token indices would run past the sampler's tables (on a GPU, a device assert).
                     self._fail([item], ValueError(f"{len(item.input_ids)} prompt tokens and max_tokens "
                                                   f"{item.max_tokens} exceed the context of {self.context_length}"))
+                else:
+                    self._waiting.append(item)
 
     def _drop_stopped(self) -> None:
         for request in [*self._waiting, *self._prefilling, *self._decoding]:
