@@ -85,6 +85,15 @@ def coglet(monkeypatch):
     coglet.close()
 
 
+@pytest.fixture
+def no_gc():
+    """No garbage collection in the test: a generator is freed when its last reference goes, or not
+    at all while the test holds one."""
+    gc.disable()
+    yield
+    gc.enable()
+
+
 def test_each_piece_arrives_as_it_is_made_in_the_predictions_context(coglet):
     source = Source(pieces=10, every=0.03)
     pieces, arrived = [], []
@@ -133,17 +142,13 @@ def test_a_cancel_lets_the_engine_finish_stopping_before_the_prediction_ends(cog
     assert source.closed.is_set()
 
 
-def test_a_generator_coglet_drops_without_closing_stops_the_source(coglet):
-    gc.disable()  # freed as coglet drops it, not whenever the garbage collector runs
-    try:
-        source = Source(pieces=1000, every=0.005)
-        future = coglet.submit(predict(source))
-        generator = future.result(5)
-        next(generator)
-        del future, generator  # coglet returned early (an error sending output) without closing it
-        assert source.closed.wait(1) and len(source.made) < 50
-    finally:
-        gc.enable()
+def test_a_generator_coglet_drops_without_closing_stops_the_source(coglet, no_gc):
+    source = Source(pieces=1000, every=0.005)
+    future = coglet.submit(predict(source))
+    generator = future.result(5)
+    next(generator)
+    del future, generator  # coglet returned early (an error sending output) without closing it
+    assert source.closed.wait(1) and len(source.made) < 50
 
 
 def test_a_cancel_before_the_first_piece_generates_nothing(coglet):
@@ -231,72 +236,63 @@ def _inject_cancel(thread_id: int) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CancelationException))
 
 
+def _cancel_interrupted(self) -> None:
+    """_Cancel.cancel as a second injected exception leaves it: raised before it cancels anything."""
+    raise CancelationException()
+
+
 @pytest.mark.parametrize("where", ["as the pump is submitted", "in the generator's finally, before its cancel"])
-def test_a_cancel_coglet_injects_into_the_predictions_thread_stops_the_source(coglet, monkeypatch, where):
+def test_a_cancel_coglet_injects_into_the_predictions_thread_stops_the_source(coglet, monkeypatch, no_gc, where):
     """coglet 0.23.1 reports `canceled` once the injected exception leaves the generator and never
     cancels the future: the source must stop anyway (before the fix it made every piece of the reply,
     for nobody, seen once in tests/test_streaming.py's 40 early cancels)."""
-    gc.disable()  # the generator stays referenced here: only its end can tell the pump
-    try:
-        source = Source(pieces=1000, every=0.005)
-        submit = coglet_stream._submit
+    source = Source(pieces=1000, every=0.005)
+    submit = coglet_stream._submit
 
-        def submit_then_inject(coro, loop):
-            future = submit(coro, loop)
-            if where == "as the pump is submitted" and coro.__name__ == "_pump":
-                _inject_cancel(threading.get_ident())
-            return future
+    def submit_then_inject(coro, loop):
+        future = submit(coro, loop)
+        if where == "as the pump is submitted" and coro.__name__ == "_pump":
+            _inject_cancel(threading.get_ident())
+        return future
 
-        monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
-        if where != "as the pump is submitted":  # one lands mid-stream, a second one (coglet sends two) in the finally
-            def cancel_interrupted(self):
-                raise CancelationException()
-
-            monkeypatch.setattr(coglet_stream._Cancel, "cancel", cancel_interrupted)
-            threading.Timer(0.1, _inject_cancel, (threading.get_ident(),)).start()
-        generator = coglet.submit(predict(source)).result(5)
-        with pytest.raises(CancelationException):
-            for _ in generator:
-                pass
-        # Stopped, or never started (the cancel came before the pump began: nothing to close).
-        source.closed.wait(1)
-        assert source.closed.is_set() or not source.started.is_set(), "the source generates for nobody"
-        made = len(source.made)
-        time.sleep(0.1)
-        assert len(source.made) == made
-    finally:
-        gc.enable()
+    monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
+    if where != "as the pump is submitted":  # one lands mid-stream, a second one (coglet sends two) in the finally
+        monkeypatch.setattr(coglet_stream._Cancel, "cancel", _cancel_interrupted)
+        threading.Timer(0.1, _inject_cancel, (threading.get_ident(),)).start()
+    generator = coglet.submit(predict(source)).result(5)
+    with pytest.raises(CancelationException):
+        for _ in generator:
+            pass
+    # Stopped, or never started (the cancel came before the pump began: nothing to close).
+    source.closed.wait(1)
+    assert source.closed.is_set() or not source.started.is_set(), "the source generates for nobody"
+    made = len(source.made)
+    time.sleep(0.1)
+    assert len(source.made) == made
 
 
-def test_a_pump_whose_reader_has_already_gone_does_not_start_the_source(coglet, monkeypatch):
+def test_a_pump_whose_reader_has_already_gone_does_not_start_the_source(coglet, monkeypatch, no_gc):
     """The injected exception lands right after the pump is submitted and a second one in the finally
     before its cancel (coglet sends two): the generator has ended before the pump starts. Noticed
     only at the first piece, the engine's request would have been admitted and prefilled for nobody."""
-    gc.disable()
-    try:
-        source = Source(pieces=1000, every=0.5)  # the first piece comes late (a long prompt's prefill)
-        submit = coglet_stream._submit
-        gate = threading.Event()
+    source = Source(pieces=1000, every=0.5)  # the first piece comes late (a long prompt's prefill)
+    submit = coglet_stream._submit
+    gate = threading.Event()
 
-        def submit_then_inject(coro, loop):
-            if coro.__name__ == "_pump":
-                loop.call_soon_threadsafe(gate.wait, 1)  # the pump starts only after the generator has ended
-            future = submit(coro, loop)
-            if coro.__name__ == "_pump":
-                _inject_cancel(threading.get_ident())
-            return future
+    def submit_then_inject(coro, loop):
+        if coro.__name__ == "_pump":
+            loop.call_soon_threadsafe(gate.wait, 1)  # the pump starts only after the generator has ended
+        future = submit(coro, loop)
+        if coro.__name__ == "_pump":
+            _inject_cancel(threading.get_ident())
+        return future
 
-        def cancel_interrupted(self):
-            raise CancelationException()
-
-        monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
-        monkeypatch.setattr(coglet_stream._Cancel, "cancel", cancel_interrupted)
-        generator = coglet.submit(predict(source)).result(5)
-        with pytest.raises(CancelationException):
-            next(generator)
-        assert generator.gi_frame is None
-        gate.set()
-        time.sleep(0.2)
-        assert not source.started.is_set(), "the engine's request started for a reader already gone"
-    finally:
-        gc.enable()
+    monkeypatch.setattr(coglet_stream, "_submit", submit_then_inject)
+    monkeypatch.setattr(coglet_stream._Cancel, "cancel", _cancel_interrupted)
+    generator = coglet.submit(predict(source)).result(5)
+    with pytest.raises(CancelationException):
+        next(generator)
+    assert generator.gi_frame is None
+    gate.set()
+    time.sleep(0.2)
+    assert not source.started.is_set(), "the engine's request started for a reader already gone"
