@@ -73,7 +73,6 @@ class RotaryTable:
     """
 
     def __init__(self, model, heads: int, kv_heads: int):
-        self.heads, self.kv_heads = heads, kv_heads
         positions = model.config.max_position_embeddings
         device, dtype = model.device, model.dtype
         probe = torch.zeros(1, dtype=dtype, device=device)
@@ -81,17 +80,17 @@ class RotaryTable:
         cos, sin = cos[0], sin[0]  # [positions, head_dim], in the model's dtype
         half = sin.shape[-1] // 2
         signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        self.table = torch.stack([cos, signed_sin], dim=1)  # [positions, 2, head_dim]
-        # v's heads: cos 1, sin 0.
-        self.identity = torch.stack([torch.ones_like(cos[0]), torch.zeros_like(cos[0])])[None, :, None, :]
+        # [positions, cos or sin, rotated or not, head_dim]: v's heads read the unrotated one (cos 1, sin 0).
+        rotated = torch.stack([cos, signed_sin], dim=1)
+        unrotated = torch.stack([torch.ones_like(cos), torch.zeros_like(cos)], dim=1)
+        self.table = torch.stack([rotated, unrotated], dim=2)
+        self.cos_sin = torch.arange(2, device=device)[:, None]
+        self.head_unrotated = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=device)
 
     def for_qkv(self, positions: torch.Tensor) -> torch.Tensor:
         """[n, 2, heads + 2 kv_heads, head_dim]: cos and signed sin at `positions` [n] for each head
-        of a merged q/k/v projection (v's heads unrotated)."""
-        rows = self.table[positions][:, :, None, :]
-        n, _, _, d = rows.shape
-        return torch.cat([rows.expand(n, 2, self.heads + self.kv_heads, d),
-                          self.identity.expand(n, 2, self.kv_heads, d)], dim=2)
+        of a merged q/k/v projection (v's heads unrotated), read in one operation."""
+        return self.table[positions[:, None, None], self.cos_sin, self.head_unrotated]
 
 
 def rotated_qkv(w: LayerWeights, x: torch.Tensor, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:

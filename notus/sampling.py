@@ -55,9 +55,6 @@ class Distribution:
     index: torch.Tensor
     vocab: int
     noise_terms: torch.Tensor  # the blocks' noise ids then the places in a block, Weyl-scrambled (Sampler)
-    # Block weights summed in token-id order, one kernel (a GPU's way: atomic adds in rank order would
-    # vary from run to run), else added one by one in rank order (the CPU's). A test sets it on the CPU.
-    token_order_sums: bool = False
 
     def draw(self, keys: torch.Tensor) -> torch.Tensor:
         """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
@@ -67,38 +64,26 @@ class Distribution:
         argmin(E / w) with E = -log(u) exponential, the race that w wins in proportion to its size
         (Gumbel-max, log(w) - log(E), in one log fewer); a removed token (w = 0) scores -inf.
         """
-        (n, c), m = self.weight.shape, keys.shape[1]
+        n, m = keys.shape
         blocks = self.vocab // BLOCK
-        # Every token's weight in token-id order, where the tokens of the chosen block are read from
-        # there (the GPU's shape: every token a candidate) or the block weights summed there (CUDA).
-        by_id = None
-        if c == self.vocab or self.token_order_sums:
-            by_id = self.weight.new_zeros(n, self.vocab).scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
-        # Each block's weight, the same bits in either shape and on every run: on a GPU summed by one
-        # kernel over the weights in token-id order (atomic adds would vary); on the CPU added one by
-        # one in rank order (no [n, vocab] buffer to fill at each step in the CPU's shape).
-        if self.token_order_sums:
-            block_weight = by_id.sum(dim=-1)
-        else:
-            block_weight = self.weight.new_zeros(n, blocks).scatter_add_(1, self.index // BLOCK, self.weight)
-        noise = log_uniform(_mix32(keys[:, :, None] ^ self.noise_terms))  # [n, m, blocks + BLOCK], all < 0
+        # Every token's weight in token-id order (0 for those not among the candidates), so that each
+        # block's weight is summed in one kernel, the same bits on every run and in either shape
+        # (atomic adds in rank order would vary from run to run on a GPU).
+        by_id = self.weight.new_zeros(n, self.vocab).scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
+        noise = log_uniform(_mix32_top(keys[:, :, None] ^ self.noise_terms))  # [n, m, blocks + BLOCK], all < 0
         block_noise, place_noise = noise[:, :, :blocks], noise[:, :, blocks:]
-        block = (block_noise / block_weight[:, None, :]).argmax(dim=-1, keepdim=True)  # [n, m, 1]
-        if c == self.vocab:  # the block's own tokens, by their place in it
-            inside = by_id.gather(1, block.expand(n, m, BLOCK))
-            return torch.add((place_noise / inside).argmax(dim=-1), block[:, :, 0], alpha=BLOCK)
-        # The best few (the CPU's shape): those in the block, each with its place's noise.
-        inside = self.weight[:, None, :].masked_fill(self.index[:, None, :] // BLOCK != block, 0)
-        noise = place_noise.gather(2, (self.index % BLOCK)[:, None, :].expand(n, m, c))
-        return self.index.gather(1, (noise / inside).argmax(dim=-1))
+        block = (block_noise / by_id.sum(dim=-1)[:, None, :]).argmax(dim=-1, keepdim=True)  # [n, m, 1]
+        inside = by_id.gather(1, block.expand(n, m, BLOCK))  # the block's tokens, by their place in it
+        return torch.add((place_noise / inside).argmax(dim=-1), block[:, :, 0], alpha=BLOCK)
 
 
 class Sampler:
     """Per-slot settings and state on the device, and `sample()` for any rows of slots.
 
     The settings are stored in the form the step uses, so that a step spends no operation on them:
-    greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k off as the
-    whole vocabulary, top_p off as 2 (never reached). The draws' keys are a table per slot, made at
+    greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k as a table per
+    slot of log(keep) by rank (0 for the best top_k, -inf after: added in the same operation as the
+    temperature's division), top_p off as 2 (never reached). The draws' keys are a table per slot, made at
     the request's start from its seed, one for each token index up to `context_length`. The repetition
     penalty is a table per slot, the penalty on every token of the prompt and the reply so far and 1
     elsewhere, so that penalising is one pass. `slots` is a slice (the decode step's rows 0..n-1:
@@ -115,7 +100,6 @@ class Sampler:
             return torch.full((slots,), fill, dtype=dtype, device=device)
 
         self.temperature = per_slot(1.0, torch.float32)
-        self.top_k = per_slot(vocab_size, torch.long)
         self.top_p = per_slot(2.0, torch.float32)
         self.repetition_penalty = per_slot(1.0, torch.float32)
         self.presence_penalty = per_slot(0.0, torch.float32)
@@ -126,16 +110,16 @@ class Sampler:
         # draw_key(seed, i) for each token index a request can reach (a reply of at most the context;
         # the last index: a finished row's padding steps read it).
         self.draw_keys = torch.zeros(slots, context_length + 1, dtype=torch.long, device=device)
+        self.rank_log_keep = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
         self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)  # in the reply
         self.repetition = torch.ones(slots, vocab_size, dtype=torch.float32, device=device)  # prompt + reply
         self.slot_ids = torch.arange(slots, device=device)
         self.indices = torch.arange(context_length + 1, device=device)
-        self.ranks = torch.arange(vocab_size, device=device)
         ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)]).to(device)
         self.noise_terms = (ids * 0x9E3779B1) & _M32  # a Weyl sequence over the ids (as SplitMix's)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
-        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.presence_penalty,
+        return (self.temperature, self.rank_log_keep, self.top_p, self.repetition_penalty, self.presence_penalty,
                 self.frequency_penalty, self.min_tokens, self.generated, self.draw_keys, self.counts, self.repetition)
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
@@ -146,7 +130,6 @@ class Sampler:
         sampled = temperature > 0
         values = {
             self.temperature: temperature if sampled else 1.0,
-            self.top_k: (settings.top_k or self.vocab_size) if sampled else 1,
             # top_p 0 keeps the best token only: a limit above 0 (the best has 0 before it) and below any probability.
             self.top_p: max(top_p, 1e-30) if top_p < 1 else 2.0,
             self.repetition_penalty: settings.repetition_penalty,
@@ -156,9 +139,11 @@ class Sampler:
             self.generated: 0,
             self.counts: 0.0,
             self.repetition: 1.0,
+            self.rank_log_keep: 0.0,
         }
         for state, value in values.items():
             state[slot].fill_(value)
+        self.rank_log_keep[slot, (settings.top_k or self.vocab_size) if sampled else 1 :].fill_(-torch.inf)
         self.draw_keys[slot] = draw_key(settings.seed, self.indices)
         self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
 
@@ -226,16 +211,16 @@ class Sampler:
         if k == self.vocab_size:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
         # Temperature keeps the order, so it applies to the candidates only, shifted to a best of 0:
-        # weights in [0, 1], the best's 1 (a row of only -inf: all 0, not NaN).
+        # weights in [0, 1], the best's 1 (a row of only -inf: all 0, not NaN); top_k's -inf after
+        # the first top_k makes theirs 0 (x / t + 0 is x / t to the last bit).
         best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)
-        weight = ((top - best) / self.temperature[slots][:, None]).exp()
-        weight = weight.masked_fill(self.ranks[: top.shape[-1]] >= self.top_k[slots][:, None], 0)
+        log_keep = self.rank_log_keep[slots][:, : top.shape[-1]]
+        weight = torch.addcdiv(log_keep, top - best, self.temperature[slots][:, None]).exp()
         # top_p: the smallest set of the best whose share of what top_k kept reaches it (the best
         # always: nothing comes before it, and the limit is above 0).
         mass = weight.cumsum(dim=-1)
         removed = mass - weight >= self.top_p[slots][:, None] * mass[:, -1:]
-        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms,
-                            token_order_sums=weight.is_cuda)
+        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms)
 
     def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
         """The penalties applied to `scores`, then made finite or -inf (NaN logits too)."""
@@ -321,11 +306,18 @@ def _float32(x: float) -> float:
 
 def _mix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32) in int64 arithmetic, so nothing overflows."""
+    x = _mix32_top(x)
+    return x ^ (x >> 15)
+
+
+def _mix32_top(x: int | torch.Tensor) -> int | torch.Tensor:
+    """lowbias32 less its last xorshift (x ^ x >> 15), for log_uniform, which reads the top 23 bits:
+    that step leaves the top 15 as they are and only XORs bits 24-31 into bits 9-16, which the last
+    product has already mixed from every bit below them (two operations fewer in every step's noise)."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32
     x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
+    return (x * 0x735A2D97) & _M32
 
 
 def _finite_or_minus_inf(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

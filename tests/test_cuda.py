@@ -104,5 +104,4 @@ def test_the_samplers_draws_on_the_gpu_follow_the_processed_distribution(name):
     case, cuda = DrawCase.of(name), torch.device("cuda")
     sampler, row = started(1, case.settings, case.prompt, case.reply, cuda), torch.tensor([0], device=cuda)
     distribution = sampler.distribution(sampler.scores(case.logits.to(cuda), row), row)
-    assert distribution.token_order_sums
     case.check(case.draws(distribution), f"cuda, {name}")
