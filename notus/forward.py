@@ -127,7 +127,7 @@ class Forward:
         self.head_dim = cache.head_dim
         self.scale = model.model.layers[0].self_attn.scaling
         self.weights = [layer_weights(layer) for layer in model.model.layers]
-        self.rotary = RotaryTable(model, self.heads, self.kv_heads)
+        self.rotary = RotaryTable(model)
         self.embedding = model.model.embed_tokens.weight
         self.final_norm, self.eps = model.model.norm.weight, model.model.norm.variance_epsilon
         self.lm_head = _packed_lm_head(model, cache.scratch) or model.lm_head
@@ -157,7 +157,7 @@ class Forward:
         elif isinstance(lengths, int):
             visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
         x = F.embedding(tokens, self.embedding)
-        rotation = self.rotary.for_qkv(positions)
+        rotation = self.rotary.at(positions)
         with attention_kernel("decode", cache):
             for i, w in enumerate(self.weights):
                 qkv = rotated_qkv(w, x, rotation, self.head_dim)
@@ -193,7 +193,7 @@ class Forward:
         # Grouped by attention kernel: one pinning (a context to enter) per group and layer, not per segment.
         groups = [(CAUSAL, [s for s in spans if s.visible is None]), (MASKED, [s for s in spans if s.visible is not None])]
         x = F.embedding(ids, self.embedding)
-        rotation = self.rotary.for_qkv(positions)
+        rotation = self.rotary.at(positions)
         for i, w in enumerate(self.weights):
             qkv = rotated_qkv(w, x, rotation, self.head_dim)
             out = x.new_empty(x.shape[0], self.heads * self.head_dim)

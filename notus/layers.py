@@ -9,8 +9,8 @@ scripts/op_count.py, capped by a test):
   reference) runs on the same memory: no second copy.
 - RMSNorm is `F.rms_norm`: one fused kernel on CUDA (the CPU's composite is transformers' math).
 - Rotary embeddings come from a table indexed by position, built once with transformers' own
-  rotary module (the same bits): q, k and v are rotated in one pass, v by the identity (cos 1,
-  sin 0), so k and v stay side by side in one tensor and are written to the cache in one op.
+  rotary module (the same bits): q and k are rotated in one pass, in place in the merged q/k/v, so
+  k and v stay side by side in one tensor and are written to the cache in one op.
 - The residual adds ride on the output projections (`addmm`).
 """
 
@@ -32,6 +32,7 @@ class LayerWeights:
     gate_up: torch.Tensor  # [2 x intermediate, hidden]: gate, then up
     down: torch.Tensor
     eps: float
+    rotated_heads: int  # q's and k's heads, the first of qkv's: rotary applies to them, not to v's
 
 
 def layer_weights(layer) -> LayerWeights:
@@ -47,6 +48,7 @@ def layer_weights(layer) -> LayerWeights:
             gate_up=_merge(mlp.gate_proj, mlp.up_proj),
             down=mlp.down_proj.weight.detach(),
             eps=layer.input_layernorm.variance_epsilon,
+            rotated_heads=(attention.q_proj.out_features + attention.k_proj.out_features) // attention.head_dim,
         )
         layer._notus_weights = weights
     return weights
@@ -72,7 +74,7 @@ class RotaryTable:
     flip rounds the same), so a rotation is x * cos + roll(x) * signed_sin: four operations.
     """
 
-    def __init__(self, model, heads: int, kv_heads: int):
+    def __init__(self, model):
         positions = model.config.max_position_embeddings
         device, dtype = model.device, model.dtype
         probe = torch.zeros(1, dtype=dtype, device=device)
@@ -80,24 +82,20 @@ class RotaryTable:
         cos, sin = cos[0], sin[0]  # [positions, head_dim], in the model's dtype
         half = sin.shape[-1] // 2
         signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        # [positions, cos or sin, rotated or not, head_dim]: v's heads read the unrotated one (cos 1, sin 0).
-        rotated = torch.stack([cos, signed_sin], dim=1)
-        unrotated = torch.stack([torch.ones_like(cos), torch.zeros_like(cos)], dim=1)
-        self.table = torch.stack([rotated, unrotated], dim=2)
-        self.cos_sin = torch.arange(2, device=device)[:, None]
-        self.head_unrotated = torch.tensor([0] * (heads + kv_heads) + [1] * kv_heads, device=device)
+        self.table = torch.stack([cos, signed_sin], dim=1)  # [positions, 2, head_dim]
 
-    def for_qkv(self, positions: torch.Tensor) -> torch.Tensor:
-        """[n, 2, heads + 2 kv_heads, head_dim]: cos and signed sin at `positions` [n] for each head
-        of a merged q/k/v projection (v's heads unrotated), read in one operation."""
-        return self.table[positions[:, None, None], self.cos_sin, self.head_unrotated]
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[n, 2, 1, head_dim]: cos and signed sin at `positions` [n], for every head alike."""
+        return self.table[positions][:, :, None, :]
 
 
 def rotated_qkv(w: LayerWeights, x: torch.Tensor, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q, k and v of tokens `x` [n, hidden], q and k rotated: [n, heads + 2 kv_heads, head_dim]."""
     h = F.rms_norm(x, x.shape[-1:], w.input_norm, w.eps)
     qkv = F.linear(h, w.qkv).view(x.shape[0], -1, head_dim)
-    return qkv * rotation[:, 0] + qkv.roll(head_dim // 2, dims=-1) * rotation[:, 1]
+    qk = qkv[:, : w.rotated_heads]
+    torch.add(qk * rotation[:, 0], qk.roll(head_dim // 2, dims=-1) * rotation[:, 1], out=qk)  # in place: v stays beside k
+    return qkv
 
 
 def rest_of_layer(w: LayerWeights, x: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import weakref
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 from notus.forward import Forward, KVCache
 from notus.layers import RotaryTable, layer_weights, rest_of_layer, rotated_qkv
@@ -52,7 +53,7 @@ def test_a_layer_gives_transformers_outputs(tiny_weights):
         # The project's pieces of the same layer.
         w = layer_weights(layer)
         heads, d = config.num_attention_heads, forward.head_dim
-        qkv = rotated_qkv(w, x, RotaryTable(model, heads, config.num_key_value_heads).for_qkv(positions), d)
+        qkv = rotated_qkv(w, x, RotaryTable(model).at(positions), d)
         q = qkv[:, :heads].transpose(0, 1)
         k, v = qkv[:, heads:].view(n, 2, config.num_key_value_heads, d).permute(1, 2, 0, 3)
         out = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
@@ -61,17 +62,22 @@ def test_a_layer_gives_transformers_outputs(tiny_weights):
     torch.testing.assert_close(got, expected[0], rtol=1e-5, atol=1e-5)
 
 
-def test_the_rotary_table_holds_transformers_values(tiny_weights):
+def test_q_and_k_are_rotated_as_transformers_rotates_them_and_v_is_left_as_projected(tiny_weights):
+    """To the last bit (float32): the table holds transformers' cos and sin at every position, and
+    rotated_qkv's q and k are apply_rotary_pos_emb's, rotated in place beside an untouched v."""
     model = fresh_model(tiny_weights)
     config = model.config
-    table = RotaryTable(model, config.num_attention_heads, config.num_key_value_heads)
+    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     positions = torch.tensor([0, 1, 4095, 4096, 32767])
     cos, sin = model.model.rotary_emb(torch.zeros(1), positions[None])
-    rotation = table.for_qkv(positions)
-    half = sin.shape[-1] // 2
-    for head in (0, config.num_attention_heads):  # a q head and a k head: rotated
-        assert torch.equal(rotation[:, 0, head], cos[0])
-        assert torch.equal(rotation[:, 1, head], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
-    v_head = config.num_attention_heads + config.num_key_value_heads
-    assert torch.equal(rotation[:, 0, v_head:], torch.ones_like(rotation[:, 0, v_head:]))
-    assert torch.equal(rotation[:, 1, v_head:], torch.zeros_like(rotation[:, 1, v_head:]))
+    x = torch.randn(len(positions), config.hidden_size, generator=torch.Generator().manual_seed(0))
+    w = layer_weights(model.model.layers[0])
+    with torch.inference_mode():
+        qkv = rotated_qkv(w, x, RotaryTable(model).at(positions), d)
+        projected = torch.nn.functional.linear(
+            torch.nn.functional.rms_norm(x, x.shape[-1:], w.input_norm, w.eps), w.qkv).view(len(positions), -1, d)
+    q, k, v = projected.split([heads, kv_heads, kv_heads], dim=1)
+    expected_q, expected_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    assert torch.equal(qkv[:, :heads], expected_q[0].transpose(0, 1))
+    assert torch.equal(qkv[:, heads : heads + kv_heads], expected_k[0].transpose(0, 1))
+    assert torch.equal(qkv[:, heads + kv_heads :], v)
