@@ -214,7 +214,7 @@ class Sampler:
         # weights in [0, 1], the best's 1 (a row of only -inf: all 0, not NaN); top_k's -inf after
         # the first top_k makes theirs 0 (x / t + 0 is x / t to the last bit).
         best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)
-        log_keep = self.rank_log_keep[slots][:, : top.shape[-1]]
+        log_keep = self.rank_log_keep[slots, : top.shape[-1]]  # a view, or the candidates' columns only
         weight = torch.addcdiv(log_keep, top - best, self.temperature[slots][:, None]).exp()
         # top_p: the smallest set of the best whose share of what top_k kept reaches it (the best
         # always: nothing comes before it, and the limit is above 0).

@@ -126,8 +126,9 @@ class DrawCase:
 @pytest.mark.parametrize("name", SETTINGS)
 def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabulary(name):
     """10^5 draws over notus's 32,000 tokens, in the GPU's shape (every candidate sorted) and the CPU's
-    (the candidates its eager step looks at), each with its block weights summed in token-id order as
-    CUDA sums them: no removed token ever, frequencies as the processed distribution's, the same
+    (the candidates its eager step looks at), each with its block weights summed in token-id order,
+    the order CUDA sums them in (its kernel groups the additions its own way: the same distribution,
+    not the same bits): no removed token ever, frequencies as the processed distribution's, the same
     tokens in both shapes, and the very tokens `sample()` draws at those token indices."""
     case = DrawCase.of(name)
     settings, logits, prompt, reply = case.settings, case.logits, case.prompt, case.reply
@@ -238,8 +239,9 @@ def test_the_noise_is_finite_and_below_zero_for_every_value_of_its_random_bits()
 
 
 def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
-    """The settings and token index that once drew a removed token (with 24-bit noise: seed 1, token
-    index 829, token 28884). The GPU's shape."""
+    """The settings and token index that once drew a removed token (with 24-bit noise and the hash of
+    that time: seed 1, token index 829, token 28884); today's hash gives other bits there, so this is
+    one draw of top_k in the GPU's shape, and the test above tries every value of the noise's bits."""
     sampler = Sampler(1, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=0.7, top_k=50, top_p=0.95, seed=1), torch.tensor([1]))
     sampler.generated[0] = 829
