@@ -31,6 +31,7 @@ from notus.prompt import ChatPrompt, load_tokenizer
 from notus.sampling import RowSettings
 from notus.scheduler import Request, Scheduler
 from notus.stream import TextStream, TokenBytes
+from notus.wakeups import LoopWakeups
 
 log = logging.getLogger("notus")
 
@@ -214,20 +215,14 @@ class Engine:
     async def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int,
                             stats: GenerationStats | None = None) -> AsyncIterator[list[int]]:
         """Token ids as the engine hands them out, in lists (those of one wake-up); leaving stops the model."""
-        loop = asyncio.get_running_loop()
-        arrived = asyncio.Event()
-
-        def wake() -> None:  # on the engine thread
-            try:
-                loop.call_soon_threadsafe(arrived.set)
-            except RuntimeError:  # the consumer's loop has closed: nobody is left to wake
-                pass
-
-        request = Request(input_ids=input_ids, max_tokens=params.max_tokens, wake=wake, settings=RowSettings(
+        arrived, wakeups = asyncio.Event(), LoopWakeups.of(asyncio.get_running_loop())
+        settings = RowSettings(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, min_tokens=params.min_tokens, seed=seed,
-        ))
+        )
+        request = Request(input_ids=input_ids, max_tokens=params.max_tokens, settings=settings,
+                          wake=lambda: wakeups.set_soon(arrived))  # on the engine thread
         try:  # submitted inside the try: a cancel landing anywhere after this line still stops it
             self.scheduler.submit(request)
             ended = False

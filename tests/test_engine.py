@@ -196,6 +196,29 @@ def test_leaving_the_stream_stops_the_model(engine):
     assert text
 
 
+def test_one_engine_turn_wakes_all_its_requests_on_a_loop_with_one_cross_thread_call(engine):
+    """Each call_soon_threadsafe is a system call on the engine thread (a byte to the loop's
+    self-pipe), between two steps: 8 streams on one loop cost one per engine turn, not 8 (notus/wakeups.py)."""
+
+    async def eight_streams():
+        loop = asyncio.get_running_loop()
+        calls, schedule = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kwargs: calls.append(args) or schedule(*args, **kwargs)
+        params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0)
+
+        async def token_count(i: int) -> int:
+            stats = GenerationStats()
+            async for _ in engine.stream_ids([1, 100 + i], params, stats):
+                pass
+            return stats.output_token_count
+
+        return await asyncio.gather(*(token_count(i) for i in range(8))), len(calls)
+
+    counts, calls = asyncio.run(eight_streams())
+    assert counts == [16] * 8
+    assert calls <= 2 * 16, calls  # one per turn (15 to 16 seen), where each request had its own: 128 or more
+
+
 def test_require_weights_names_what_is_missing_and_the_fix(tmp_path, tiny_weights):
     from notus.weights import require_weights
 
