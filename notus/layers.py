@@ -94,7 +94,10 @@ def rotated_qkv(w: LayerWeights, x: torch.Tensor, rotation: torch.Tensor, head_d
     h = F.rms_norm(x, x.shape[-1:], w.input_norm, w.eps)
     qkv = F.linear(h, w.qkv).view(x.shape[0], -1, head_dim)
     qk = qkv[:, : w.rotated_heads]
-    torch.add(qk * rotation[:, 0], qk.roll(head_dim // 2, dims=-1) * rotation[:, 1], out=qk)  # in place: v stays beside k
+    # qkv rolled whole (contiguous): CUDA's roll copies a strided input to a contiguous one first, a
+    # second kernel. Rotated in place: v stays beside k.
+    rolled = qkv.roll(head_dim // 2, dims=-1)[:, : w.rotated_heads]
+    torch.add(qk * rotation[:, 0], rolled * rotation[:, 1], out=qk)
     return qkv
 
 
