@@ -31,7 +31,7 @@ from notus.prompt import ChatPrompt, load_tokenizer
 from notus.sampling import RowSettings
 from notus.scheduler import Request, Scheduler
 from notus.stream import TextStream, TokenBytes
-from notus.wakeups import LoopWakeups
+from notus.wakeups import Wakeups
 
 log = logging.getLogger("notus")
 
@@ -98,7 +98,9 @@ class Engine:
         # cuda_graphs=None: CUDA graphs on the GPU (captured by warm_up), eager elsewhere.
         # reuse: a prompt that begins as a sequence still in the KV cache skips its prefill (notus/prefix_cache.py).
         # pack: waiting prompts' chunks prefilled together in one forward (off only to measure the difference).
-        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse, pack=pack)
+        self.wakeups = Wakeups()  # the engine thread's wake-ups, sent once a turn
+        self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse, pack=pack,
+                                   after_turn=self.wakeups.send)
 
     @classmethod
     def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,
@@ -215,14 +217,14 @@ class Engine:
     async def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int,
                             stats: GenerationStats | None = None) -> AsyncIterator[list[int]]:
         """Token ids as the engine hands them out, in lists (those of one wake-up); leaving stops the model."""
-        arrived, wakeups = asyncio.Event(), LoopWakeups.of(asyncio.get_running_loop())
+        arrived, loop = asyncio.Event(), asyncio.get_running_loop()
         settings = RowSettings(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, min_tokens=params.min_tokens, seed=seed,
         )
         request = Request(input_ids=input_ids, max_tokens=params.max_tokens, settings=settings,
-                          wake=lambda: wakeups.set_soon(arrived))  # on the engine thread
+                          wake=lambda: self.wakeups.add(loop, arrived))  # on the engine thread
         try:  # submitted inside the try: a cancel landing anywhere after this line still stops it
             self.scheduler.submit(request)
             ended = False

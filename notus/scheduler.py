@@ -59,7 +59,8 @@ class Request:
     """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed.
 
     The engine thread calls `wake()` after it appends to `tokens` (once per step, not per token):
-    the consumer's cue to read them, from any thread or event loop.
+    the consumer's cue to read them, from any thread or event loop. It may only note the wake-up,
+    to send it with the turn's others from the scheduler's `after_turn` (notus/wakeups.py).
     """
 
     input_ids: list[int]
@@ -93,8 +94,9 @@ class _Read:
 
 class Scheduler:
     def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True,
-                 pack: bool = True):
+                 pack: bool = True, after_turn: Callable[[], None] = lambda: None):
         self.model, self.eos_id, self.slots = model, eos_id, slots
+        self.after_turn = after_turn  # on the engine thread after each turn: the wake-ups are sent (notus/wakeups.py)
         self.pack = pack  # several prompts' chunks in one prefill forward (off: one a turn, to measure the difference)
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -159,6 +161,8 @@ class Scheduler:
                 except Exception as e:  # a bug, not a request's fault: fail what is in flight, keep serving
                     self._reads.clear()
                     self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
+                self.after_turn()
+            self.after_turn()
 
     def _turn(self) -> None:
         self._drop_stopped()
