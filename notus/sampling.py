@@ -83,8 +83,8 @@ class Sampler:
     The settings are stored in the form the step uses, so that a step spends no operation on them:
     greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k as a table per
     slot of log(keep) by rank (0 for the best top_k, -inf after: added in the same operation as the
-    temperature's division), top_p off as 2 (never reached). The draws' keys are a table per slot, made at
-    the request's start from its seed, one for each token index up to `context_length`. The repetition
+    temperature's division), top_p off as 2 (never reached). The draws' keys are a table per slot,
+    made at the request's start from its seed, one for each token index up to `context_length`. The repetition
     penalty is a table per slot, the penalty on every token of the prompt and the reply so far and 1
     elsewhere, so that penalising is one pass. `slots` is a slice (the decode step's rows 0..n-1:
     every read of a setting is a view) or a tensor of slot ids (the first tokens of prefilled
