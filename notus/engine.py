@@ -98,9 +98,9 @@ class Engine:
         # cuda_graphs=None: CUDA graphs on the GPU (captured by warm_up), eager elsewhere.
         # reuse: a prompt that begins as a sequence still in the KV cache skips its prefill (notus/prefix_cache.py).
         # pack: waiting prompts' chunks prefilled together in one forward (off only to measure the difference).
-        self.wakeups = Wakeups()  # the engine thread's wake-ups, sent once a turn
+        self.wakeups = Wakeups()  # the engine thread's wake-ups, sent together (at most twice a turn)
         self.scheduler = Scheduler(model, prompt.eos_id, slots, cuda_graphs=cuda_graphs, reuse=reuse, pack=pack,
-                                   after_turn=self.wakeups.send)
+                                   send_wakeups=self.wakeups.send)
 
     @classmethod
     def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,

@@ -60,7 +60,7 @@ class Request:
 
     The engine thread calls `wake()` after it appends to `tokens` (once per step, not per token):
     the consumer's cue to read them, from any thread or event loop. It may only note the wake-up,
-    to send it with the turn's others from the scheduler's `after_turn` (notus/wakeups.py).
+    to send it with the turn's others from the scheduler's `send_wakeups` (notus/wakeups.py).
     """
 
     input_ids: list[int]
@@ -94,9 +94,11 @@ class _Read:
 
 class Scheduler:
     def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True,
-                 pack: bool = True, after_turn: Callable[[], None] = lambda: None):
+                 pack: bool = True, send_wakeups: Callable[[], None] = lambda: None):
         self.model, self.eos_id, self.slots = model, eos_id, slots
-        self.after_turn = after_turn  # on the engine thread after each turn: the wake-ups are sent (notus/wakeups.py)
+        # Sends the wake-ups requests' wake() noted (notus/wakeups.py): after stopped requests are
+        # dropped (their consumers wait for it), and at the end of each turn.
+        self.send_wakeups = send_wakeups
         self.pack = pack  # several prompts' chunks in one prefill forward (off: one a turn, to measure the difference)
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -161,11 +163,12 @@ class Scheduler:
                 except Exception as e:  # a bug, not a request's fault: fail what is in flight, keep serving
                     self._reads.clear()
                     self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
-                self.after_turn()
-            self.after_turn()
+                self.send_wakeups()
+            self.send_wakeups()
 
     def _turn(self) -> None:
         self._drop_stopped()
+        self.send_wakeups()  # before this turn's prefill and step: a stopped request's end waits for neither
         self._admit()
         self._compact()
         if self._prefilling:

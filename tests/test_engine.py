@@ -198,11 +198,12 @@ def test_leaving_the_stream_stops_the_model(engine):
 
 def test_one_engine_turn_wakes_all_its_requests_on_a_loop_with_one_cross_thread_call(engine, monkeypatch):
     """Each call_soon_threadsafe is a system call on the engine thread (a byte to the loop's
-    self-pipe), between two steps: 8 streams on one loop cost at most one per engine turn, not one
-    each (notus/wakeups.py), and every stream still gets all its tokens."""
-    scheduler, turns = engine.scheduler, []
-    send = scheduler.after_turn
-    monkeypatch.setattr(scheduler, "after_turn", lambda: turns.append(1) or send())
+    self-pipe), between two steps: 8 streams on one loop cost at most one per sending of the engine's
+    wake-ups (at most two a turn), not one each (notus/wakeups.py), and every stream still gets all
+    its tokens."""
+    scheduler, sendings = engine.scheduler, []
+    send = scheduler.send_wakeups
+    monkeypatch.setattr(scheduler, "send_wakeups", lambda: sendings.append(1) or send())
 
     async def eight_streams():
         loop = asyncio.get_running_loop()
@@ -220,7 +221,7 @@ def test_one_engine_turn_wakes_all_its_requests_on_a_loop_with_one_cross_thread_
 
     counts, calls = asyncio.run(eight_streams())
     assert counts == [16] * 8
-    assert calls <= min(len(turns), 2 * 16), (calls, len(turns))  # 17 seen; one per request: 128 or more
+    assert calls <= min(len(sendings), 2 * 16), (calls, len(sendings))  # 17 seen; one per request: 128 or more
 
 
 def test_require_weights_names_what_is_missing_and_the_fix(tmp_path, tiny_weights):
