@@ -157,14 +157,16 @@ class Scheduler:
 
     def _serve(self) -> None:
         with torch.inference_mode():
-            while self._take_new(block=not self._busy()):
-                try:
-                    self._turn()
-                except Exception as e:  # a bug, not a request's fault: fail what is in flight, keep serving
-                    self._reads.clear()
-                    self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
+            try:
+                while self._take_new(block=not self._busy()):
+                    try:
+                        self._turn()
+                    except Exception as e:  # a bug, not a request's fault: fail what is in flight, keep serving
+                        self._reads.clear()
+                        self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
+                    self.send_wakeups()
+            finally:  # closing, or this thread dying: whoever it already finished still hears of it
                 self.send_wakeups()
-            self.send_wakeups()
 
     def _turn(self) -> None:
         self._drop_stopped()
