@@ -63,8 +63,9 @@ def test_a_layer_gives_transformers_outputs(tiny_weights):
 
 
 def test_q_and_k_are_rotated_as_transformers_rotates_them_and_v_is_left_as_projected(tiny_weights):
-    """To the last bit (float32): the table holds transformers' cos and sin at every position, and
-    rotated_qkv's q and k are apply_rotary_pos_emb's, rotated in place beside an untouched v."""
+    """To the last bit (float32), at the first positions, either side of 4,096 and the last: the
+    table holds transformers' cos and sin, and rotated_qkv's q and k are apply_rotary_pos_emb's,
+    rotated in place beside an untouched v."""
     model = fresh_model(tiny_weights)
     config = model.config
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
