@@ -138,7 +138,7 @@ class Forward:
         self.varlen = VarlenDecode.for_cache(cache.kv, self.heads, cache.scratch)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, write_slots: torch.Tensor,
                lengths: int | list[int]) -> torch.Tensor:
         """Logits [batch, vocab] of `tokens` [batch] at `positions` [batch] in slots 0..batch-1.
 
@@ -146,11 +146,11 @@ class Forward:
         CUDA graph needs; every active row's position below it, or past the window and it is the
         window), or each row's own (a list: its position + 1, at most the window; no mask needed).
         With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is.
-        Rows not `active` compute too (fixed shapes) but write their K/V to the scratch slot.
+        Rows not `active` compute too (fixed shapes) but write their K/V to the scratch slot:
+        `write_slots` [batch] is each row's slot if active, else the scratch slot (kept by the caller).
         """
         batch = tokens.shape[0]
         cache = self.cache
-        write_slot = torch.where(active, self.rows[:batch], cache.scratch)
         write_at = positions % cache.window
         if self.varlen is not None:  # each row's own count of entries (padding rows read one)
             used = torch.where(active, (positions + 1).clamp(max=cache.window), 1).int()
@@ -162,7 +162,7 @@ class Forward:
             for i, w in enumerate(self.weights):
                 qkv = rotated_qkv(w, x, rotation, self.head_dim)
                 # k and v side by side: one write for both, at each row's slot and ring entry.
-                cache.kv[i][:, write_slot, write_at] = qkv[:, self.heads :].view(batch, 2, self.kv_heads, -1).transpose(0, 1)
+                cache.kv[i][:, write_slots, write_at] = qkv[:, self.heads :].view(batch, 2, self.kv_heads, -1).transpose(0, 1)
                 q = qkv[:, : self.heads]
                 if self.varlen is not None:
                     out = self.varlen(q, cache.k[i], cache.v[i], used, self.scale)

@@ -2,21 +2,23 @@
 
 Per row, in this order (generate's, with OpenAI's penalties beside the repetition penalty):
 repetition_penalty over the prompt and the reply so far (as `generate`), presence_penalty and
-frequency_penalty over the reply so far (as OpenAI), EOS held off until min_tokens, then greedy
-(temperature 0) or: temperature, top_k, top_p, and a draw from what is left.
+frequency_penalty over the reply so far (as OpenAI), EOS held off until min_tokens (released by the
+caller: `allow_eos`), then greedy (temperature 0) or: temperature, top_k, top_p, and a draw from
+what is left.
 
 In the GPU's shape everything is a tensor op on per-slot state (no host synchronisation, no Python
 branch on data), so a decode step and its sampling fit in one CUDA graph, in few operations (each a
 kernel launch): greedy is top_k 1, the settings are stored in the form the step uses, the draw's key
-is read from a table made at the request's start. The draw is an exponential race (Gumbel-max
+is read from a table made at the request's start, indexed by position. The draw is an exponential race (Gumbel-max
 without its second log) in two levels: a block of 256 tokens by its total weight, then a token
 inside it, with noise hashed from (the request's seed, its token index, the block number or the
 token's place in its block). It follows exactly the distribution softmax(processed scores), with
 noise for 381 numbers a row instead of 32,000; and it is an argmax keyed by token id, so the
 last-bit differences a batch makes in the logits almost never change it: a seed gives the same text
 alone or beside 31 other requests. No setting in range can put NaN or inf into it: scores are finite
-or -inf, the weights exp((score - best) / temperature) lie in [0, 1], the best candidate is always
-kept, and the noise is finite and below 0 for every value of its bits.
+but a held EOS's -inf, so a row's best is finite, the weights exp((score - best) / temperature) lie
+in [0, 1], the best candidate is always kept, and the noise is finite and below 0 for every value of
+its bits.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ class Distribution:
     vocab: int
     noise_terms: torch.Tensor  # the blocks' noise ids then the places in a block, Weyl-scrambled (Sampler)
 
-    def draw(self, keys: torch.Tensor) -> torch.Tensor:
-        """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw).
+    def draw(self, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw), into `out` if given.
 
         An exponential race over the blocks' total weights picks a block, then one over its tokens a
         token: P(block) * P(token | block) = the token's share of the whole. argmax(log(u) / w) is
@@ -68,13 +70,16 @@ class Distribution:
         blocks = self.vocab // BLOCK
         # Every token's weight in token-id order (0 for those not among the candidates), so that each
         # block's weight is summed in one kernel, the same bits on every run and in either shape
-        # (atomic adds in rank order would vary from run to run on a GPU).
-        by_id = self.weight.new_zeros(n, self.vocab).scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
+        # (atomic adds in rank order would vary from run to run on a GPU). Every token a candidate
+        # (the GPU's shape): the scatter writes every entry, so the buffer needs no zeros first.
+        every_token = self.index.shape[-1] == self.vocab
+        by_id = (self.weight.new_empty if every_token else self.weight.new_zeros)(n, self.vocab)
+        by_id = by_id.scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
         noise = log_uniform(_mix32_top(keys[:, :, None] ^ self.noise_terms))  # [n, m, blocks + BLOCK], all < 0
         block_noise, place_noise = noise[:, :, :blocks], noise[:, :, blocks:]
         block = (block_noise / by_id.sum(dim=-1)[:, None, :]).argmax(dim=-1, keepdim=True)  # [n, m, 1]
         inside = by_id.gather(1, block.expand(n, m, BLOCK))  # the block's tokens, by their place in it
-        return torch.add((place_noise / inside).argmax(dim=-1), block[:, :, 0], alpha=BLOCK)
+        return torch.add((place_noise / inside).argmax(dim=-1), block[:, :, 0], alpha=BLOCK, out=out)
 
 
 class Sampler:
@@ -84,11 +89,13 @@ class Sampler:
     greedy as top_k 1 (the draw can only take the best token) at temperature 1, top_k as a table per
     slot of log(keep) by rank (0 for the best top_k, -inf after: added in the same operation as the
     temperature's division), top_p off as 2 (never reached). The draws' keys are a table per slot,
-    made at the request's start from its seed, one for each token index up to `context_length`. The repetition
-    penalty is a table per slot, the penalty on every token of the prompt and the reply so far and 1
-    elsewhere, so that penalising is one pass. `slots` is a slice (the decode step's rows 0..n-1:
-    every read of a setting is a view) or a tensor of slot ids (the first tokens of prefilled
-    requests, tests).
+    made at the request's start from its seed and indexed by position: the token sampled from the
+    logits at position p (the prompt's last at L - 1, then each one fed) has index p - (L - 1). What
+    seeing a token does is a pair of tables per slot, set in one operation when a token is taken: the
+    repetition penalty's factor (1 for tokens not in the prompt or the reply), and what is subtracted
+    from its score (the presence penalty for tokens in the reply; +inf on EOS while min_tokens holds
+    it, until `allow_eos`). `slots` is a slice (the decode step's rows 0..n-1: every read of a setting
+    is a view) or a tensor of slot ids (the first tokens of prefilled requests, tests).
     """
 
     def __init__(self, slots: int, vocab_size: int, eos_id: int, device: torch.device, context_length: int = 32768):
@@ -96,31 +103,31 @@ class Sampler:
             raise ValueError(f"the vocabulary must split into blocks of {BLOCK} tokens, got {vocab_size}")
         self.vocab_size, self.eos_id = vocab_size, eos_id
 
-        def per_slot(fill, dtype):
-            return torch.full((slots,), fill, dtype=dtype, device=device)
+        def per_slot(fill, dtype, *shape):
+            return torch.full((slots, *shape), fill, dtype=dtype, device=device)
 
         self.temperature = per_slot(1.0, torch.float32)
         self.top_p = per_slot(2.0, torch.float32)
-        self.repetition_penalty = per_slot(1.0, torch.float32)
-        self.presence_penalty = per_slot(0.0, torch.float32)
         self.frequency_penalty = per_slot(0.0, torch.float32)
-        self.min_tokens = per_slot(0, torch.long)
-        self.generated = per_slot(0, torch.long)  # tokens sampled so far: the draw's index in `draw_keys`
         self.ones = per_slot(1.0, torch.float32)
-        # draw_key(seed, i) for each token index a request can reach (a reply of at most the context;
-        # the last index: a finished row's padding steps read it).
-        self.draw_keys = torch.zeros(slots, context_length + 1, dtype=torch.long, device=device)
-        self.rank_log_keep = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)  # in the reply
-        self.repetition = torch.ones(slots, vocab_size, dtype=torch.float32, device=device)  # prompt + reply
+        # draw_key(seed, p - (L - 1)) for each position p (the context's last: a finished row's padding steps read it).
+        self.draw_keys = per_slot(0, torch.long, context_length + 1)
+        self.rank_log_keep = per_slot(0.0, torch.float32, vocab_size)
+        self.counts = per_slot(0.0, torch.float32, vocab_size)  # in the reply
+        # Per token seen: [:, 0] the repetition factor (prompt + reply), [:, 1] what its score loses
+        # (reply; EOS while held); `seen_values` what a token taken sets in each.
+        self.seen = per_slot(0.0, torch.float32, 2, vocab_size)
+        self.repetition, self.subtracted = self.seen[:, 0], self.seen[:, 1]
+        self.seen_values = per_slot(0.0, torch.float32, 2)  # repetition_penalty, presence_penalty
         self.slot_ids = torch.arange(slots, device=device)
+        self.pair = torch.arange(2, device=device)
         self.indices = torch.arange(context_length + 1, device=device)
         ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)]).to(device)
         self.noise_terms = (ids * 0x9E3779B1) & _M32  # a Weyl sequence over the ids (as SplitMix's)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
-        return (self.temperature, self.rank_log_keep, self.top_p, self.repetition_penalty, self.presence_penalty,
-                self.frequency_penalty, self.min_tokens, self.generated, self.draw_keys, self.counts, self.repetition)
+        return (self.temperature, self.rank_log_keep, self.top_p, self.frequency_penalty, self.draw_keys,
+                self.counts, self.seen, self.seen_values)
 
     def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
         """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
@@ -130,66 +137,66 @@ class Sampler:
         sampled = temperature > 0
         values = {
             self.temperature: temperature if sampled else 1.0,
-            # top_p 0 keeps the best token only: a limit above 0 (the best has 0 before it) and below any probability.
-            self.top_p: max(top_p, 1e-30) if top_p < 1 else 2.0,
-            self.repetition_penalty: settings.repetition_penalty,
-            self.presence_penalty: settings.presence_penalty,
+            # top_p 0 keeps the best token only: any limit below 1 / vocab does, and 2^-23 keeps the
+            # best even in float32 (the best's 1 + 2^-23 x total rounds above 1: see distribution()).
+            self.top_p: max(top_p, 2.0**-23) if top_p < 1 else 2.0,
             self.frequency_penalty: settings.frequency_penalty,
-            self.min_tokens: settings.min_tokens,
-            self.generated: 0,
             self.counts: 0.0,
             self.repetition: 1.0,
+            self.subtracted: 0.0,
             self.rank_log_keep: 0.0,
         }
         for state, value in values.items():
             state[slot].fill_(value)
+        self.seen_values[slot, 0].fill_(settings.repetition_penalty)
+        self.seen_values[slot, 1].fill_(settings.presence_penalty)
         self.rank_log_keep[slot, (settings.top_k or self.vocab_size) if sampled else 1 :].fill_(-torch.inf)
-        self.draw_keys[slot] = draw_key(settings.seed, self.indices)
+        self.draw_keys[slot] = draw_key(settings.seed, self.indices - (len(prompt_ids) - 1))
         self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
+        if settings.min_tokens:
+            self.subtracted[slot, self.eos_id].fill_(torch.inf)
+
+    def allow_eos(self, slot: int) -> None:
+        """Ends the hold on EOS of `slot`'s request: call it before sampling its token min_tokens
+        (the token index from which EOS may come), after the work already queued."""
+        self.subtracted[slot, self.eos_id].fill_(0.0)
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request now runs in slot `target`: its settings and state go with it."""
         for state in self._state():
             state[target].copy_(state[source])
 
-    def sample(self, logits: torch.Tensor, slots: slice | torch.Tensor, active: torch.Tensor | None = None,
-               candidates: int | None = None, penalties: bool = True) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, slots: slice | torch.Tensor, positions: torch.Tensor,
+               candidates: int | None = None, penalties: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each row (`logits` [n, vocab] for `slots`, overwritten if float32: no
-        copy of the vocabulary-wide scores); updates the rows' state.
+        copy of the vocabulary-wide scores), into `out` [n] if given; updates the rows' state.
 
-        `active` [n] (bool) marks the rows whose token index advances (the others are padding in a
-        batch bucket). The CPU passes what it knows of the rows to skip work (`shortcuts()`):
-        `candidates`, how many of the best tokens top_k/top_p look at (None: all, one shape for CUDA
-        graphs; 1: every row is greedy), and `penalties=False` when no row uses one.
+        `positions` [n]: the position whose logits each row holds (it picks the draw's key). The CPU
+        passes what it knows of the rows to skip work (`shortcuts()`): `candidates`, how many of the
+        best tokens top_k/top_p look at (None: all, one shape for CUDA graphs; 1: every row is
+        greedy), and `penalties=False` when no row uses one (nor holds EOS).
         """
         scores = self.scores(logits, slots, penalties)
         if candidates == 1:
             token = first_argmax(scores)
+            token = token if out is None else out.copy_(token)
         else:
-            keys = self.draw_keys[self.slot_ids[slots], self.generated[slots]]
-            token = self.distribution(scores, slots, candidates).draw(keys[:, None])[:, 0]
-        self.advance(slots, token, active)
+            keys = self.draw_keys[self.slot_ids[slots], positions]
+            token = self.distribution(scores, slots, candidates).draw(keys[:, None], None if out is None else out[:, None])[:, 0]
+        self.advance(slots, token)
         return token
 
-    def advance(self, slots: slice | torch.Tensor, tokens: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """The rows' requests took `tokens` [n]. The rows not `active` (when given) keep their token
-        index; their counts and repetition table change, but a padding row's are not read before the
-        next start() in its slot sets them anew."""
+    def advance(self, slots: slice | torch.Tensor, tokens: torch.Tensor) -> None:
+        """The rows' requests took `tokens` [n]: counted, and marked seen. A padding row's tables
+        change too, but are not read before the next start() in its slot sets them anew."""
         rows = self.slot_ids[slots]
-        step = 1 if active is None else active
-        if isinstance(slots, slice):
-            self.generated[slots].add_(step)  # in place on the view (`+=` would copy the view onto itself after)
-        else:
-            self.generated[slots] += step
         self.counts.index_put_((rows, tokens), self.ones[slots], accumulate=True)
-        self.repetition.index_put_((rows, tokens), self.repetition_penalty[slots])
+        self.seen.index_put_((rows[:, None], self.pair, tokens[:, None]), self.seen_values[slots])
 
     def scores(self, logits: torch.Tensor, slots: slice | torch.Tensor, penalties: bool = True) -> torch.Tensor:
-        """The rows' scores after the penalties and the hold on EOS (finite or -inf)."""
+        """The rows' scores after the penalties and the hold on EOS: finite, but a held EOS's -inf."""
         scores = logits if logits.dtype == torch.float32 else logits.float()
-        scores = self._penalised(scores, slots) if penalties else _finite_or_minus_inf(scores, out=scores)
-        scores[:, self.eos_id].masked_fill_(self.generated[slots] < self.min_tokens[slots], -torch.inf)
-        return scores
+        return self._penalised(scores, slots) if penalties else _finite(scores, out=scores)
 
     def distribution(self, scores: torch.Tensor, slots: slice | torch.Tensor, candidates: int | None = None) -> Distribution:
         """Temperature, top_k and top_p applied to `scores`: what the rows draw from.
@@ -210,26 +217,26 @@ class Sampler:
                 top, index = _ties_by_token_id(top[:, :k], index[:, :k])
         if k == self.vocab_size:
             top, index = scores.sort(dim=-1, descending=True, stable=True)
-        # Temperature keeps the order, so it applies to the candidates only, shifted to a best of 0:
-        # weights in [0, 1], the best's 1 (a row of only -inf: all 0, not NaN); top_k's -inf after
-        # the first top_k makes theirs 0 (x / t + 0 is x / t to the last bit).
-        best = top[:, :1].clamp(min=torch.finfo(top.dtype).min)
+        # Temperature keeps the order, so it applies to the candidates only, shifted to a best of 0
+        # (finite: only a held EOS is -inf): weights in [0, 1], the best's 1; top_k's -inf after the
+        # first top_k makes theirs 0 (x / t + 0 is x / t to the last bit).
         log_keep = self.rank_log_keep[slots, : top.shape[-1]]  # a view, or the candidates' columns only
-        weight = torch.addcdiv(log_keep, top - best, self.temperature[slots][:, None]).exp()
-        # top_p: the smallest set of the best whose share of what top_k kept reaches it (the best
-        # always: nothing comes before it, and the limit is above 0).
+        weight = torch.addcdiv(log_keep, top - top[:, :1], self.temperature[slots][:, None]).exp()
+        # top_p: the smallest set of the best whose share of what top_k kept reaches it: a candidate
+        # goes when the mass before it, mass - weight, reaches top_p x total (compared as mass >=
+        # weight + top_p x total, one operation). The best always stays: its mass is its weight, 1,
+        # below 1 + top_p x total since top_p >= 2^-23 and the total >= 1.
         mass = weight.cumsum(dim=-1)
-        removed = mass - weight >= self.top_p[slots][:, None] * mass[:, -1:]
+        removed = mass >= torch.addcmul(weight, self.top_p[slots][:, None], mass[:, -1:])
         return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms)
 
     def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
-        """The penalties applied to `scores`, then made finite or -inf (NaN logits too)."""
+        """The penalties and the hold on EOS applied to `scores`. Made finite after the repetition
+        penalty (the one that can overflow; NaN logits too), so only the hold's +inf makes a -inf."""
         repetition = self.repetition[slots]  # 1 for tokens not seen: scores * 1 and scores / 1 are exact
-        scores = torch.where(scores < 0, scores * repetition, scores / repetition)
-        counts = self.counts[slots]
-        scores = torch.addcmul(scores, self.frequency_penalty[slots][:, None], counts, value=-1)
-        scores = torch.addcmul(scores, self.presence_penalty[slots][:, None], counts.clamp(max=1), value=-1)
-        return _finite_or_minus_inf(scores, out=scores)
+        penalised = _finite(torch.where(scores < 0, scores * repetition, scores / repetition), out=scores)
+        penalised.addcmul_(self.frequency_penalty[slots][:, None], self.counts[slots], value=-1)
+        return penalised.sub_(self.subtracted[slots])
 
 
 def shortcuts(settings: list[RowSettings]) -> dict:
@@ -241,7 +248,8 @@ def shortcuts(settings: list[RowSettings]) -> dict:
         candidates = None
     else:
         candidates = max(s.top_k for s in sampling)
-    penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
+    penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty or s.min_tokens
+                    for s in settings)
     return {"candidates": candidates, "penalties": penalties}
 
 
@@ -320,5 +328,7 @@ def _mix32_top(x: int | torch.Tensor) -> int | torch.Tensor:
     return (x * 0x735A2D97) & _M32
 
 
-def _finite_or_minus_inf(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf, out=out)
+def _finite(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """NaN and -inf as the lowest finite score, +inf as the highest: a row's best is finite."""
+    low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
+    return torch.nan_to_num(scores, nan=low, posinf=high, neginf=low, out=out)

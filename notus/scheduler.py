@@ -113,6 +113,8 @@ class Scheduler:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
+        # Where each row writes its keys and values: its own slot while it decodes, else the scratch slot.
+        self.write_slots = torch.full((slots,), self.cache.scratch, dtype=torch.long, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
         # Length buckets bound what SDPA's graphs read; the variable-length kernel reads each row's own.
         self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
@@ -253,9 +255,10 @@ class Scheduler:
             self.cache.swap(source, target, max(written, min(kept, self.window)))
             self.prefixes.swap(source, target)
         self.sampler.move(source, target)
-        for state in (self.tokens, self.positions, self.active):
+        for state in (self.tokens, self.positions):
             state[target].copy_(state[source])
-        self.active[source].fill_(False)
+        self._set_active(target, request in self._decoding and request.sampled < request.max_tokens)
+        self._set_active(source, False)
         request.slot = target
 
     def _chunks(self) -> list[tuple[Request, int]]:
@@ -341,14 +344,15 @@ class Scheduler:
     def _start_decoding(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Their first tokens (`logits` [requests, vocab]) sampled together; they join the decoding batch."""
         slots = self._on_device([r.slot for r in requests])
+        last = self._on_device([len(r.input_ids) - 1 for r in requests])  # the prompts' last positions
         for request in requests:
             self.sampler.start(request.slot, request.settings, self._on_device(request.input_ids))
-        first = self.sampler.sample(logits, slots, **self._shortcuts(requests))
+        first = self.sampler.sample(logits, slots, last, **self._shortcuts(requests))
         self.tokens[slots] = first
+        self.positions[slots] = last + 1
         for request in requests:
-            self.positions[request.slot].fill_(len(request.input_ids))  # fills, not `[slot] = n`: no host tensor copied
             request.sampled = 1
-            self.active[request.slot].fill_(request.sampled < request.max_tokens)
+            self._set_active(request.slot, request.sampled < request.max_tokens)
             self._prefilling.remove(request)
             self._decoding.append(request)
         self._queue_read(first, [(request, row) for row, request in enumerate(requests)])
@@ -369,6 +373,9 @@ class Scheduler:
         for r in rows:
             lengths[r.slot] = min(len(r.input_ids) + r.sampled, self.window)
         live = sum(lengths[r.slot] for r in rows)  # each decoding row's own entries
+        for r in rows:
+            if r.sampled == r.settings.min_tokens:  # this step samples its token min_tokens: EOS may come
+                self.sampler.allow_eos(r.slot)
         try:
             if self.cuda_graphs:
                 length = self._bucket(self.length_buckets, max(lengths))
@@ -390,7 +397,7 @@ class Scheduler:
         for r in rows:
             r.sampled += 1
             if r.sampled == r.max_tokens:
-                self.active[r.slot].fill_(False)  # its last token is sampled; it only waits to be read
+                self._set_active(r.slot, False)  # its last token is sampled; it only waits to be read
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
         return True
 
@@ -405,11 +412,17 @@ class Scheduler:
               penalties: bool = True) -> torch.Tensor:
         """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers).
         Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
-        active = self.active[:batch]
-        logits = self.forward.decode(self.tokens[:batch], self.positions[:batch], active, lengths)
-        self.tokens[:batch] = self.sampler.sample(logits, slice(0, batch), active, candidates, penalties)
-        self.positions[:batch].add_(active)  # in place on the view: `+=` would copy it onto itself after
+        active, positions = self.active[:batch], self.positions[:batch]
+        logits = self.forward.decode(self.tokens[:batch], positions, active, self.write_slots[:batch], lengths)
+        self.sampler.sample(logits, slice(0, batch), positions, candidates, penalties, out=self.tokens[:batch])
+        positions.add_(active)  # in place on the view: `+=` would copy it onto itself after
         return logits
+
+    def _set_active(self, slot: int, decoding: bool) -> None:
+        """Whether `slot`'s row decodes: its position advances and its keys and values go to its own
+        slot (else to the scratch slot: a row of the batch bucket that only pads it)."""
+        self.active[slot].fill_(decoding)
+        self.write_slots[slot].fill_(slot if decoding else self.cache.scratch)
 
     def _shortcuts(self, rows: list[Request]) -> dict:
         """Work the sampler may skip for these rows (none with CUDA graphs: one graph fits all)."""
@@ -456,7 +469,7 @@ class Scheduler:
             if request in line:
                 line.remove(request)
         if request.slot is not None:
-            self.active[request.slot].fill_(False)
+            self._set_active(request.slot, False)
             bisect.insort(self._free, request.slot)
             request.slot = None
         request.tokens.append(None)

@@ -58,10 +58,11 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
             out["prefill"][position + n - 1] = forward.prefill([segment])[0].float()
             position += n
         for p in range(start, end):  # one token at a time, as decode steps feed them
-            token, at, active = ids[p : p + 1], torch.tensor([p], device=ids.device), torch.tensor([True], device=ids.device)
-            out["decode"][p] = forward.decode(token, at, active, [min(p + 1, window)])[0].float()
+            token, at = ids[p : p + 1], torch.tensor([p], device=ids.device)
+            active, slot = torch.tensor([True], device=ids.device), torch.tensor([0], device=ids.device)
+            out["decode"][p] = forward.decode(token, at, active, slot, [min(p + 1, window)])[0].float()
             bucket = next(b for b in buckets if b >= min(p + 1, window))  # writes the same K/V again
-            out["decode, masked bucket"][p] = forward.decode(token, at, active, bucket)[0].float()
+            out["decode, masked bucket"][p] = forward.decode(token, at, active, slot, bucket)[0].float()
         position = end
     return out
 

@@ -1,8 +1,8 @@
 """Operations of one decode step, as a CUDA graph replays them: what each costs a kernel launch.
 
 Counted with a TorchDispatchMode on the step the graphs capture (`Scheduler._step` with one length
-bucket for every row), eagerly, on any device. Views (slices, reshapes, transposes) launch nothing
-and are not counted. Per layer: the step with every layer less the step with one fewer; outside:
+bucket for every row), eagerly, on any device. Views (slices, reshapes, transposes) and empty
+tensors (an allocation from the graph's pool, no kernel) launch nothing and are not counted. Per layer: the step with every layer less the step with one fewer; outside:
 the rest (embedding, rotary tables, the final norm and the vocabulary projection, the sampler).
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch.utils._python_dispatch import TorchDispatchMode
 
 VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "transpose", "t", "reshape",
-         "expand", "as_strided", "alias", "detach", "permute", "flatten", "unflatten", "split", "chunk"}
+         "expand", "as_strided", "alias", "detach", "permute", "flatten", "unflatten", "split", "chunk",
+         "empty", "new_empty", "empty_like", "empty_strided"}
 
 
 class _Counter(TorchDispatchMode):

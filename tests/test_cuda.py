@@ -41,12 +41,13 @@ def replay_against_eager(scheduler) -> int:
     scheduler.cache.k.normal_()
     scheduler.cache.v.normal_()
     state = {"tokens": scheduler.tokens, "positions": scheduler.positions, "k": scheduler.cache.k,
-             "v": scheduler.cache.v, "generated": sampler.generated, "counts": sampler.counts, "repetition": sampler.repetition}
+             "v": scheduler.cache.v, "counts": sampler.counts, "seen": sampler.seen}
     try:
         for (batch, length), graph in scheduler.graphs.items():
             scheduler.tokens.random_(0, vocab)
             scheduler.positions.random_(0, length if length < scheduler.window else 2 * scheduler.window)
             scheduler.active.fill_(True)
+            scheduler.write_slots.copy_(torch.arange(scheduler.slots))
             before = {name: t.clone() for name, t in state.items()}
             eager_logits = scheduler._step(batch, length).clone()
             eager = {name: t.clone() for name, t in state.items()}
@@ -60,6 +61,7 @@ def replay_against_eager(scheduler) -> int:
         return len(scheduler.graphs)
     finally:
         scheduler.active.fill_(False)  # no request holds these slots
+        scheduler.write_slots.fill_(scheduler.cache.scratch)
 
 
 def test_every_captured_graph_replays_the_eager_step_of_its_shape(graphed):

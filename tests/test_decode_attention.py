@@ -46,12 +46,13 @@ def test_the_varlen_call_gives_each_row_the_attention_over_its_own_entries(engin
     tokens = torch.tensor([100, 200, 300, 400])
     positions = torch.tensor([5, 300, 5000, 17])
     active = torch.tensor([True, True, True, False])
+    write_slots = torch.tensor([0, 1, 2, cache.scratch])
     own = [min(int(p) + 1, cache.window) for p in positions]
-    want = forward.decode(tokens, positions, active, own)[:3]
+    want = forward.decode(tokens, positions, active, write_slots, own)[:3]
 
     monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
     forward.varlen = VarlenDecode(cache.scratch, cache.window, cache.kv.device)
-    got = forward.decode(tokens, positions, active, cache.window)[:3]  # a graph's shape: lengths unused
+    got = forward.decode(tokens, positions, active, write_slots, cache.window)[:3]  # a graph's shape: lengths unused
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -97,7 +97,7 @@ def test_no_nan_or_inf_reaches_sampling(settings, logits):
     scores = logits()[:, -1]
     penalised = sampler._penalised(scores.clone(), torch.tensor([0]))
     assert not penalised.isnan().any() and not (penalised == torch.inf).any()
-    for _ in range(3):  # and the whole draw, a few times
-        token = sampler.sample(scores.clone(), torch.tensor([0])).item()
+    for i in range(3):  # and the whole draw, a few times
+        token = sampler.sample(scores.clone(), torch.tensor([0]), torch.tensor([3 + i])).item()
         assert 0 <= token < VOCAB_SIZE
         assert token != 2 or params.min_tokens == 0

@@ -142,12 +142,11 @@ def test_draws_follow_exactly_the_processed_distribution_over_the_whole_vocabula
         case.check(tokens, shape)
         drawn[shape] = tokens
 
-        # sample() itself: rows at token indices 0..199, inactive so that their token index stays as it is.
+        # sample() itself: rows at token indices 0..199 (the prompt's last position, then each one after).
         rows = 200
         sampler = started(rows, settings, prompt, reply)
-        sampler.generated[:] = torch.arange(rows)
-        inactive = torch.zeros(rows, dtype=torch.bool)
-        sampled = sampler.sample(logits.expand(rows, VOCAB).clone(), torch.arange(rows), inactive, candidates)
+        positions = len(prompt) - 1 + torch.arange(rows)
+        sampled = sampler.sample(logits.expand(rows, VOCAB).clone(), torch.arange(rows), positions, candidates)
         assert torch.equal(sampled, tokens[:rows]), shape
     assert torch.equal(drawn["gpu"], drawn.get("cpu", drawn["gpu"]))
 
@@ -169,13 +168,20 @@ def test_penalties_equal_a_straightforward_reference(settings):
     torch.testing.assert_close(ours, expected)
 
 
-def test_min_tokens_holds_off_eos_then_lets_it_through():
-    sampler = Sampler(1, VOCAB, EOS, CPU)
-    sampler.start(0, RowSettings(temperature=0, min_tokens=3), torch.tensor([1]))
-    logits = torch.zeros(1, VOCAB)
-    logits[0, EOS] = 10.0  # EOS is by far the best
-    drawn = [sampler.sample(logits.clone(), torch.tensor([0])).item() for _ in range(4)]
-    assert EOS not in drawn[:3] and drawn[3] == EOS
+@pytest.mark.parametrize("settings", [RowSettings(temperature=0, min_tokens=3), RowSettings(temperature=1.0, min_tokens=3)],
+                         ids=["greedy", "sampled"])
+def test_min_tokens_holds_off_eos_until_allowed(settings):
+    """The hold is what the step subtracts from EOS's score (+inf), in the GPU's shape and the CPU's;
+    the scheduler allows EOS before sampling token min_tokens (tests/test_engine.py checks when)."""
+    for candidates in (None, shortcuts([settings])["candidates"]):
+        sampler = Sampler(1, VOCAB, EOS, CPU)
+        sampler.start(0, settings, torch.tensor([1]))
+        logits = torch.zeros(1, VOCAB)
+        logits[0, EOS] = 30.0  # EOS is by far the best
+        drawn = [sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([i]), candidates).item() for i in range(3)]
+        sampler.allow_eos(0)
+        drawn.append(sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([3]), candidates).item())
+        assert EOS not in drawn[:3] and drawn[3] == EOS, (candidates, drawn)
 
 
 def test_draws_depend_only_on_seed_and_token_index():
@@ -183,7 +189,7 @@ def test_draws_depend_only_on_seed_and_token_index():
     for slot, seed in enumerate([5, 5, 6]):
         sampler.start(slot, RowSettings(temperature=1.0, seed=seed), torch.tensor([1]))
     logits = torch.randn(1, VOCAB).expand(3, VOCAB).clone()
-    tokens = [sampler.sample(logits.clone(), torch.arange(3)).tolist() for _ in range(20)]
+    tokens = [sampler.sample(logits.clone(), torch.arange(3), torch.full((3,), i)).tolist() for i in range(20)]
     assert all(a == b for a, b, _ in tokens)  # same seed, same draws, whatever the row
     assert any(a != c for a, _, c in tokens)  # another seed, other draws
 
@@ -244,16 +250,15 @@ def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
     one draw of top_k in the GPU's shape, and the test above tries every value of the noise's bits."""
     sampler = Sampler(1, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=0.7, top_k=50, top_p=0.95, seed=1), torch.tensor([1]))
-    sampler.generated[0] = 829
     logits = torch.linspace(10.0, -50.0, VOCAB)[None, :].clone()  # token t is the (t+1)-th best
-    token = sampler.sample(logits, torch.tensor([0]), penalties=False).item()
+    token = sampler.sample(logits, torch.tensor([0]), torch.tensor([829]), penalties=False).item()
     assert token < 50
 
 
 def test_a_row_of_only_minus_inf_draws_without_error():
     sampler = Sampler(1, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=1.0, top_p=0.5), torch.tensor([1]))
-    token = sampler.sample(torch.full((1, VOCAB), -torch.inf), torch.tensor([0])).item()
+    token = sampler.sample(torch.full((1, VOCAB), -torch.inf), torch.tensor([0]), torch.tensor([0])).item()
     assert 0 <= token < VOCAB
 
 
@@ -277,4 +282,4 @@ def test_settings_are_read_as_float32_holds_them():
     distribution = sampler.distribution(sampler.scores(logits.clone(), slice(0, 2)), slice(0, 2))
     assert not distribution.weight.isnan().any()
     assert (distribution.weight[1] > 0).all()  # every token kept
-    assert sampler.sample(logits.clone(), slice(0, 2))[0] == logits[0].argmax()
+    assert sampler.sample(logits.clone(), slice(0, 2), torch.zeros(2, dtype=torch.long))[0] == logits[0].argmax()
