@@ -138,23 +138,22 @@ class Forward:
         self.varlen = VarlenDecode.for_cache(cache.kv, self.heads, cache.scratch)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, write_slots: torch.Tensor,
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, used: torch.Tensor,
                lengths: int | list[int]) -> torch.Tensor:
         """Logits [batch, vocab] of `tokens` [batch] at `positions` [batch] in slots 0..batch-1.
 
         `lengths`: the ring entries attention reads, one bucket for every row (an int: the shape a
-        CUDA graph needs; every active row's position below it, or past the window and it is the
+        CUDA graph needs; every decoding row's position below it, or past the window and it is the
         window), or each row's own (a list: its position + 1, at most the window; no mask needed).
-        With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is.
-        Rows not `active` compute too (fixed shapes) but write their K/V to the scratch slot:
-        `write_slots` [batch] is each row's slot if active, else the scratch slot (kept by the caller).
+        With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is:
+        `used` [batch] (int32), its position + 1 up to the window, 1 for a row not decoding. Rows not
+        decoding (a batch bucket's padding) compute too but write their K/V where `write_slots` [batch]
+        says: the scratch slot (each decoding row's is its own). The caller keeps both per slot.
         """
         batch = tokens.shape[0]
         cache = self.cache
         write_at = positions % cache.window
-        if self.varlen is not None:  # each row's own count of entries (padding rows read one)
-            used = torch.where(active, (positions + 1).clamp(max=cache.window), 1).int()
-        elif isinstance(lengths, int):
+        if self.varlen is None and isinstance(lengths, int):
             visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
         x = F.embedding(tokens, self.embedding)
         rotation = self.rotary.at(positions)

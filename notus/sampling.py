@@ -9,10 +9,10 @@ what is left.
 In the GPU's shape everything is a tensor op on per-slot state (no host synchronisation, no Python
 branch on data), so a decode step and its sampling fit in one CUDA graph, in few operations (each a
 kernel launch): greedy is top_k 1, the settings are stored in the form the step uses, the draw's key
-is read from a table made at the request's start, indexed by position. The draw is an exponential race (Gumbel-max
-without its second log) in two levels: a block of 256 tokens by its total weight, then a token
-inside it, with noise hashed from (the request's seed, its token index, the block number or the
-token's place in its block). It follows exactly the distribution softmax(processed scores), with
+is read from a table made at the request's start, indexed by position. The draw is an exponential
+race (Gumbel-max without its second log) in two levels: a block of 256 tokens by its total weight,
+then a token inside it, with noise hashed from (the request's seed, its token index, the block
+number or the token's place in its block). It follows exactly the distribution softmax(processed scores), with
 noise for 381 numbers a row instead of 32,000; and it is an argmax keyed by token id, so the
 last-bit differences a batch makes in the logits almost never change it: a seed gives the same text
 alone or beside 31 other requests. No setting in range can put NaN or inf into it: scores are finite
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 _M32 = 0xFFFFFFFF
+# SplitMix64's two multipliers as int64: the race's hash multiplies in int64, wrapping mod 2^64.
+_C1, _C2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
 BLOCK = 256  # tokens per block of the two-level draw: 125 blocks for notus's 32,000
 
 
@@ -46,6 +48,36 @@ class RowSettings:
     seed: int = 0
 
 
+class RaceNoise:
+    """The races' noise, log(u) for each draw's key and each of 381 ids (the 125 blocks', then the
+    256 places in a block), from a hash of both in 4 operations over [n, m, 381].
+
+    Each id has an odd 64-bit multiplier (a Weyl sequence over the ids, spread by SplitMix64's first
+    constant); key x multiplier, then one of SplitMix64's xorshift-multiply rounds, all in int64
+    wrapping mod 2^64; log_uniform reads the top 23 bits. For one key, two ids' products differ by a
+    factor (x times a fixed odd number mod 2^64, which mixes every bit into the top ones), unlike
+    xor-ed inputs that differ in fixed bits; the round then folds the top half into the bottom one
+    and multiplies again. Its uniformity and independence across ids measure as those of the 32-bit
+    hash it replaced and of independent random numbers (scripts/noise_quality.py, docs/design.md);
+    the sampler's chi-square tests check the draws themselves.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)])
+        self.multipliers = (((ids * 0x9E3779B1) & _M32) * _C1 | 1).to(device)
+        self.base = torch.tensor(0.5 + 2.0**-24, device=device)  # log_uniform's offset, a device constant
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        """log(u) [n, m, 381] for `keys` [n, m] (draw_key's)."""
+        return log_uniform(self.bits(keys), self.base)
+
+    def bits(self, keys: torch.Tensor) -> torch.Tensor:
+        """The hash [n, m, 381]: 64 bits (int64) for each key and id."""
+        x = keys[:, :, None] * self.multipliers
+        x = x ^ (x >> 32)  # an arithmetic shift: the result's top bit is always 0, its 63 others mixed
+        return x * _C2
+
+
 @dataclass
 class Distribution:
     """Rows' processed distributions: their candidate tokens `index` [n, c], best first (equal scores
@@ -56,7 +88,7 @@ class Distribution:
     weight: torch.Tensor
     index: torch.Tensor
     vocab: int
-    noise_terms: torch.Tensor  # the blocks' noise ids then the places in a block, Weyl-scrambled (Sampler)
+    noise: RaceNoise
 
     def draw(self, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens [n, m] drawn with `keys` [n, m] (`draw_key()`: one per draw), into `out` if given.
@@ -75,7 +107,7 @@ class Distribution:
         every_token = self.index.shape[-1] == self.vocab
         by_id = (self.weight.new_empty if every_token else self.weight.new_zeros)(n, self.vocab)
         by_id = by_id.scatter_(1, self.index, self.weight).view(n, blocks, BLOCK)
-        noise = log_uniform(_mix32_top(keys[:, :, None] ^ self.noise_terms))  # [n, m, blocks + BLOCK], all < 0
+        noise = self.noise(keys)  # [n, m, blocks + BLOCK], all < 0
         block_noise, place_noise = noise[:, :, :blocks], noise[:, :, blocks:]
         block = (block_noise / by_id.sum(dim=-1)[:, None, :]).argmax(dim=-1, keepdim=True)  # [n, m, 1]
         inside = by_id.gather(1, block.expand(n, m, BLOCK))  # the block's tokens, by their place in it
@@ -110,8 +142,9 @@ class Sampler:
         self.top_p = per_slot(2.0, torch.float32)
         self.frequency_penalty = per_slot(0.0, torch.float32)
         self.ones = per_slot(1.0, torch.float32)
-        # draw_key(seed, p - (L - 1)) for each position p (the context's last: a finished row's padding steps read it).
-        self.draw_keys = per_slot(0, torch.long, context_length + 1)
+        # draw_key(seed, p - (L - 1)) for each position p a request reaches (a finished row's padding
+        # steps read its last: L - 1 + max_tokens, below the context's length).
+        self.draw_keys = per_slot(0, torch.long, context_length)
         self.rank_log_keep = per_slot(0.0, torch.float32, vocab_size)
         self.counts = per_slot(0.0, torch.float32, vocab_size)  # in the reply
         # Per token seen: [:, 0] the repetition factor (prompt + reply), [:, 1] what its score loses
@@ -121,9 +154,8 @@ class Sampler:
         self.seen_values = per_slot(0.0, torch.float32, 2)  # repetition_penalty, presence_penalty
         self.slot_ids = torch.arange(slots, device=device)
         self.pair = torch.arange(2, device=device)
-        self.indices = torch.arange(context_length + 1, device=device)
-        ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)]).to(device)
-        self.noise_terms = (ids * 0x9E3779B1) & _M32  # a Weyl sequence over the ids (as SplitMix's)
+        self.indices = torch.arange(context_length, device=device)
+        self.noise = RaceNoise(vocab_size, device)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         return (self.temperature, self.rank_log_keep, self.top_p, self.frequency_penalty, self.draw_keys,
@@ -228,7 +260,7 @@ class Sampler:
         # below 1 + top_p x total since top_p >= 2^-23 and the total >= 1.
         mass = weight.cumsum(dim=-1)
         removed = mass >= torch.addcmul(weight, self.top_p[slots][:, None], mass[:, -1:])
-        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise_terms)
+        return Distribution(weight.masked_fill(removed, 0), index, self.vocab_size, self.noise)
 
     def _penalised(self, scores: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
         """The penalties and the hold on EOS applied to `scores`. Made finite after the repetition
@@ -292,19 +324,22 @@ def _ties_by_token_id(top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
 
 
 def draw_key(seed: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The key of a request's draw for its token `index`: a pure function of (seed, index)."""
-    return _mix32(_mix32(seed & _M32) ^ (index & _M32))
+    """The key of a request's draw for its token `index`: a pure function of (seed, index), 32 random
+    bits plus 2^32, so never 0 (a key of 0 would give every id the same noise: RaceNoise)."""
+    return _mix32(_mix32(seed & _M32) ^ (index & _M32)) | 2**32
 
 
-def log_uniform(bits: torch.Tensor) -> torch.Tensor:
-    """log(u) for a uniform u from 32 random bits: finite and below 0 for every value of them (a test tries all).
+def log_uniform(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """log(u) for a uniform u from the top 23 of 64 random bits (int64): finite and below 0 for every
+    value of them (a test tries all). `base`: 0.5 + 2^-24, a 0-dim float32 tensor on bits' device.
 
-    The top 23 bits b give u = (b + 0.5) / 2^23, exact in float32 (b + 0.5 needs 24 bits), so it
-    lies in [2^-24, 1 - 2^-24]: log(u) is never 0, so a removed token's log(u) / 0 is -inf, not NaN.
-    With 24 bits the largest, 2^24 - 0.5, rounds to 2^24: u = 1, log(u) = 0, and 0 / 0 = NaN is what
-    argmax takes (the bug that once drew a token top_k had removed).
+    The top 23 bits, b = bits >> 41 in [-2^22, 2^22) (an arithmetic shift), give u = (b + 2^22 +
+    0.5) / 2^23 = base + b x 2^-23 in one operation, exact in float32 (24 significant bits at most),
+    so u lies in [2^-24, 1 - 2^-24]: log(u) is never 0, so a removed token's log(u) / 0 is -inf, not
+    NaN. With 24 bits the largest u would round to 1: log(u) = 0, and 0 / 0 = NaN is what argmax
+    takes (the bug that once drew a token top_k had removed).
     """
-    return torch.log(((bits >> 9) + 0.5) * 2.0**-23)
+    return torch.add(base, bits >> 41, alpha=2.0**-23).log()
 
 
 def _float32(x: float) -> float:
@@ -314,21 +349,15 @@ def _float32(x: float) -> float:
 
 def _mix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32) in int64 arithmetic, so nothing overflows."""
-    x = _mix32_top(x)
-    return x ^ (x >> 15)
-
-
-def _mix32_top(x: int | torch.Tensor) -> int | torch.Tensor:
-    """lowbias32 less its last xorshift (x ^ x >> 15), for log_uniform, which reads the top 23 bits:
-    that step leaves the top 15 as they are and only XORs bits 24-31 into bits 9-16, which the last
-    product has already mixed from every bit below them (two operations fewer in every step's noise)."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32
     x = x ^ (x >> 15)
-    return (x * 0x735A2D97) & _M32
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
 
 
 def _finite(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """NaN and -inf as the lowest finite score, +inf as the highest: a row's best is finite."""
+    """NaN and -inf as the lowest finite score, +inf as the highest: a row's best is finite (a row
+    of only NaN, a model gone wrong, draws every token alike)."""
     low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
     return torch.nan_to_num(scores, nan=low, posinf=high, neginf=low, out=out)

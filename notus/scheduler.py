@@ -115,6 +115,11 @@ class Scheduler:
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         # Where each row writes its keys and values: its own slot while it decodes, else the scratch slot.
         self.write_slots = torch.full((slots,), self.cache.scratch, dtype=torch.long, device=self.device)
+        # The ring entries each row reads with the variable-length kernel (its position + 1 up to the
+        # window; 1 while not decoding), and what a step adds to it (1 until it reaches the window):
+        # kept so that the step spends one operation on them (see _set_active and _decode_step).
+        self.used = torch.ones(slots, dtype=torch.int32, device=self.device)
+        self.grow = torch.zeros(slots, dtype=torch.int32, device=self.device)
         self.batch_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
         # Length buckets bound what SDPA's graphs read; the variable-length kernel reads each row's own.
         self.length_buckets = sorted({min(n, self.window) for n in LENGTH_BUCKETS} | {self.window})
@@ -257,7 +262,8 @@ class Scheduler:
         self.sampler.move(source, target)
         for state in (self.tokens, self.positions):
             state[target].copy_(state[source])
-        self._set_active(target, request in self._decoding and request.sampled < request.max_tokens)
+        self._set_active(target, request in self._decoding and request.sampled < request.max_tokens,
+                         len(request.input_ids) + request.sampled)
         self._set_active(source, False)
         request.slot = target
 
@@ -352,7 +358,7 @@ class Scheduler:
         self.positions[slots] = last + 1
         for request in requests:
             request.sampled = 1
-            self._set_active(request.slot, request.sampled < request.max_tokens)
+            self._set_active(request.slot, request.sampled < request.max_tokens, len(request.input_ids) + 1)
             self._prefilling.remove(request)
             self._decoding.append(request)
         self._queue_read(first, [(request, row) for row, request in enumerate(requests)])
@@ -396,6 +402,8 @@ class Scheduler:
             return False
         for r in rows:
             r.sampled += 1
+            if len(r.input_ids) + r.sampled == self.window:  # its next steps read the whole window
+                self.grow[r.slot].fill_(0)
             if r.sampled == r.max_tokens:
                 self._set_active(r.slot, False)  # its last token is sampled; it only waits to be read
         self._queue_read(self.tokens[:batch], [(r, r.slot) for r in rows])
@@ -412,17 +420,23 @@ class Scheduler:
               penalties: bool = True) -> torch.Tensor:
         """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers).
         Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
-        active, positions = self.active[:batch], self.positions[:batch]
-        logits = self.forward.decode(self.tokens[:batch], positions, active, self.write_slots[:batch], lengths)
+        positions, used = self.positions[:batch], self.used[:batch]
+        logits = self.forward.decode(self.tokens[:batch], positions, self.write_slots[:batch], used, lengths)
         self.sampler.sample(logits, slice(0, batch), positions, candidates, penalties, out=self.tokens[:batch])
-        positions.add_(active)  # in place on the view: `+=` would copy it onto itself after
+        positions.add_(self.active[:batch])  # in place on the view: `+=` would copy it onto itself after
+        if self.forward.varlen is not None:
+            used.add_(self.grow[:batch])
         return logits
 
-    def _set_active(self, slot: int, decoding: bool) -> None:
-        """Whether `slot`'s row decodes: its position advances and its keys and values go to its own
-        slot (else to the scratch slot: a row of the batch bucket that only pads it)."""
+    def _set_active(self, slot: int, decoding: bool, entries: int = 1) -> None:
+        """Whether `slot`'s row decodes: its position advances, its keys and values go to its own slot
+        and its next step reads `entries` ring entries (its position + 1; a row not decoding pads the
+        batch bucket: it writes to the scratch slot and reads one entry)."""
+        entries = min(entries, self.window) if decoding else 1
         self.active[slot].fill_(decoding)
         self.write_slots[slot].fill_(slot if decoding else self.cache.scratch)
+        self.used[slot].fill_(entries)
+        self.grow[slot].fill_(int(decoding and entries < self.window))
 
     def _shortcuts(self, rows: list[Request]) -> dict:
         """Work the sampler may skip for these rows (none with CUDA graphs: one graph fits all)."""

@@ -230,7 +230,7 @@ def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
     def measure() -> float:
         graph = scheduler.graphs.get((1, length))
         step = graph.replay if graph is not None else lambda: scheduler.forward.decode(
-            scheduler.tokens[:1], scheduler.positions[:1], scheduler.active[:1], scheduler.write_slots[:1],
+            scheduler.tokens[:1], scheduler.positions[:1], scheduler.write_slots[:1], scheduler.used[:1],
             length if scheduler.cuda_graphs else [filled])
         step()
         synchronize(engine.device)

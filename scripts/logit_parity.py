@@ -58,11 +58,11 @@ def project_logits(model, ids: torch.Tensor, spans: list[tuple[str, int, int]]) 
             out["prefill"][position + n - 1] = forward.prefill([segment])[0].float()
             position += n
         for p in range(start, end):  # one token at a time, as decode steps feed them
-            token, at = ids[p : p + 1], torch.tensor([p], device=ids.device)
-            active, slot = torch.tensor([True], device=ids.device), torch.tensor([0], device=ids.device)
-            out["decode"][p] = forward.decode(token, at, active, slot, [min(p + 1, window)])[0].float()
+            token, at, slot = ids[p : p + 1], torch.tensor([p], device=ids.device), torch.tensor([0], device=ids.device)
+            used = torch.tensor([min(p + 1, window)], dtype=torch.int32, device=ids.device)
+            out["decode"][p] = forward.decode(token, at, slot, used, [min(p + 1, window)])[0].float()
             bucket = next(b for b in buckets if b >= min(p + 1, window))  # writes the same K/V again
-            out["decode, masked bucket"][p] = forward.decode(token, at, active, slot, bucket)[0].float()
+            out["decode, masked bucket"][p] = forward.decode(token, at, slot, used, bucket)[0].float()
         position = end
     return out
 
@@ -89,8 +89,8 @@ def attention_kernels(model) -> dict[str, dict]:
     runs = {
         "prefill, first chunk (causal)": lambda: forward.prefill([Segment(0, ids[:512], 0)]),
         "prefill, later chunk (masked)": lambda: forward.prefill([Segment(0, ids[512:], 512)]),
-        "decode": lambda: forward.decode(ids[:1], torch.tensor([600], device=device),
-                                         torch.tensor([True], device=device), 1024),
+        "decode": lambda: forward.decode(ids[:1], torch.tensor([600], device=device), torch.tensor([0], device=device),
+                                         torch.tensor([601], dtype=torch.int32, device=device), 1024),
     }
     assert runs.keys() == ATTENTION_KERNELS.keys()
     kernels = {}

@@ -11,7 +11,7 @@ import torch
 from logit_parity import attention_kernels
 from notus.engine import Engine
 from notus.loading import load_model
-from notus.sampling import RowSettings
+from notus.sampling import RaceNoise, RowSettings, draw_key
 from test_sampling import DrawCase, started
 from test_scheduler import engine_ids, long_prompt
 
@@ -41,13 +41,15 @@ def replay_against_eager(scheduler) -> int:
     scheduler.cache.k.normal_()
     scheduler.cache.v.normal_()
     state = {"tokens": scheduler.tokens, "positions": scheduler.positions, "k": scheduler.cache.k,
-             "v": scheduler.cache.v, "counts": sampler.counts, "seen": sampler.seen}
+             "v": scheduler.cache.v, "counts": sampler.counts, "seen": sampler.seen, "used": scheduler.used}
     try:
         for (batch, length), graph in scheduler.graphs.items():
             scheduler.tokens.random_(0, vocab)
             scheduler.positions.random_(0, length if length < scheduler.window else 2 * scheduler.window)
             scheduler.active.fill_(True)
             scheduler.write_slots.copy_(torch.arange(scheduler.slots))
+            scheduler.used.copy_((scheduler.positions + 1).clamp(max=scheduler.window))
+            scheduler.grow.copy_(scheduler.used < scheduler.window)
             before = {name: t.clone() for name, t in state.items()}
             eager_logits = scheduler._step(batch, length).clone()
             eager = {name: t.clone() for name, t in state.items()}
@@ -62,6 +64,8 @@ def replay_against_eager(scheduler) -> int:
     finally:
         scheduler.active.fill_(False)  # no request holds these slots
         scheduler.write_slots.fill_(scheduler.cache.scratch)
+        scheduler.used.fill_(1)
+        scheduler.grow.fill_(0)
 
 
 def test_every_captured_graph_replays_the_eager_step_of_its_shape(graphed):
@@ -107,3 +111,14 @@ def test_the_samplers_draws_on_the_gpu_follow_the_processed_distribution(name):
     sampler, row = started(1, case.settings, case.prompt, case.reply, cuda), torch.tensor([0], device=cuda)
     distribution = sampler.distribution(sampler.scores(case.logits.to(cuda), row), row)
     case.check(case.draws(distribution), f"cuda, {name}")
+
+
+def test_the_race_hash_gives_the_cpus_bits_on_the_gpu():
+    """The noise's hash relies on int64 products wrapping mod 2^64 and arithmetic right shifts
+    (tests/test_sampling.py checks the CPU's against Python's integers): CUDA's must be the same,
+    bit for bit (its log may differ in the last bit: the draws need the distribution, not the bits)."""
+    keys = draw_key(torch.full((4096,), 7), torch.arange(4096))[:, None]
+    on_cpu, on_gpu = RaceNoise(32000, torch.device("cpu")), RaceNoise(32000, torch.device("cuda"))
+    assert torch.equal(on_gpu.bits(keys.cuda()).cpu(), on_cpu.bits(keys))
+    noise = on_gpu(keys.cuda())
+    assert torch.isfinite(noise).all() and (noise < 0).all()

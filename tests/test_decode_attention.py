@@ -45,15 +45,52 @@ def test_the_varlen_call_gives_each_row_the_attention_over_its_own_entries(engin
     assert forward.varlen is None  # the CPU: SDPA
     tokens = torch.tensor([100, 200, 300, 400])
     positions = torch.tensor([5, 300, 5000, 17])
-    active = torch.tensor([True, True, True, False])
-    write_slots = torch.tensor([0, 1, 2, cache.scratch])
-    own = [min(int(p) + 1, cache.window) for p in positions]
-    want = forward.decode(tokens, positions, active, write_slots, own)[:3]
+    write_slots = torch.tensor([0, 1, 2, cache.scratch])  # the last row pads the batch
+    own = [min(int(p) + 1, cache.window) for p in positions[:3]] + [1]
+    used = torch.tensor(own, dtype=torch.int32)
+    want = forward.decode(tokens, positions, write_slots, used, own)[:3]
 
     monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
     forward.varlen = VarlenDecode(cache.scratch, cache.window, cache.kv.device)
-    got = forward.decode(tokens, positions, active, write_slots, cache.window)[:3]  # a graph's shape: lengths unused
+    got = forward.decode(tokens, positions, write_slots, used, cache.window)[:3]  # a graph's shape: lengths unused
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_through_the_varlen_call_replies_as_through_sdpa(engine, tiny_weights, monkeypatch):
+    """The scheduler keeps each row's count of entries for the varlen call (`used`, grown by one a
+    step until the window): through it, greedy replies to prompts before, across and past the
+    4,096-token window, one ending early so that a later one moves down into its slot, are the same
+    as the SDPA engine's (the rows of one batch, as the GPU runs them)."""
+    import asyncio
+
+    from notus.engine import Engine
+    from test_scheduler import ids_of, long_prompt
+
+    async def replies(e: Engine) -> list[list[int]]:
+        jobs = [(long_prompt(e, n), tokens) for n, tokens in [(5, 3), (4090, 14), (4200, 6), (30, 10)]]
+        return await asyncio.gather(*(ids_of(e, ids, temperature=0, max_tokens=t, min_tokens=t) for ids, t in jobs))
+
+    expected = asyncio.run(replies(engine))
+    monkeypatch.setattr(decode_attention, "flash_varlen", documented_varlen)
+    varlen = Engine.load(tiny_weights, device="cpu", admitted=4)
+    try:
+        scheduler = varlen.scheduler
+        forward = scheduler.forward
+        forward.varlen = VarlenDecode(scheduler.cache.scratch, scheduler.window, scheduler.device)
+        decode, steps = forward.decode, []
+
+        def recorded(tokens, positions, write_slots, used, lengths):
+            # What each row reads: a decoding row (its own slot) its position + 1 up to the window, a padding row 1.
+            wanted = [min(p + 1, scheduler.window) if slot == row else 1
+                      for row, (p, slot) in enumerate(zip(positions.tolist(), write_slots.tolist()))]
+            steps.append((used.tolist(), wanted))
+            return decode(tokens, positions, write_slots, used, lengths)
+
+        monkeypatch.setattr(forward, "decode", recorded)
+        assert asyncio.run(replies(varlen)) == expected
+        assert len(steps) >= 13 and all(used == wanted for used, wanted in steps), steps
+    finally:
+        varlen.scheduler.close()
 
 
 def test_the_setup_check_accepts_the_documented_kernel_and_refuses_a_failing_or_wrong_one(monkeypatch):

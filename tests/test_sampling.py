@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from notus.sampling import RowSettings, Sampler, draw_key, first_argmax, log_uniform, shortcuts, top_k
+from notus.sampling import RaceNoise, RowSettings, Sampler, draw_key, first_argmax, log_uniform, shortcuts, top_k
 
 VOCAB, EOS = 32000, 2
 CPU = torch.device("cpu")
@@ -172,7 +172,7 @@ def test_penalties_equal_a_straightforward_reference(settings):
                          ids=["greedy", "sampled"])
 def test_min_tokens_holds_off_eos_until_allowed(settings):
     """The hold is what the step subtracts from EOS's score (+inf), in the GPU's shape and the CPU's;
-    the scheduler allows EOS before sampling token min_tokens (tests/test_engine.py checks when)."""
+    the scheduler allows EOS before sampling token min_tokens (tests/test_scheduler.py checks when)."""
     for candidates in (None, shortcuts([settings])["candidates"]):
         sampler = Sampler(1, VOCAB, EOS, CPU)
         sampler.start(0, settings, torch.tensor([1]))
@@ -234,14 +234,40 @@ def test_two_pass_top_k_equals_topk(k):
 
 def test_the_noise_is_finite_and_below_zero_for_every_value_of_its_random_bits():
     """log(u) / weight: a removed token (weight 0) must score -inf, never NaN (0 / 0), whatever the
-    bits. log_uniform reads the top 23 of the hash's 32 bits: each of their 2^23 values, with the 9
-    bits it drops all clear and all set."""
-    top = torch.arange(2**23, dtype=torch.long) << 9
-    for dropped in (0, 2**9 - 1):
-        noise = log_uniform(top | dropped)
+    bits. log_uniform reads the top 23 of the hash's 64 bits: each of their 2^23 values (negative
+    ones included: int64), with the 41 bits it drops all clear and all set."""
+    top = torch.arange(-(2**22), 2**22, dtype=torch.long) << 41
+    base = RaceNoise(VOCAB, CPU).base
+    for dropped in (0, 2**41 - 1):
+        noise = log_uniform(top | dropped, base)
         assert torch.isfinite(noise).all() and (noise < 0).all()
         assert (noise / 0 == -torch.inf).all()
+        u = (torch.arange(2**23, dtype=torch.float64) + 0.5) / 2**23  # exactly, in float64
+        assert torch.equal(noise, u.float().log())
     assert noise.min() > -17  # log(2^-24)
+
+
+def test_the_race_hash_wraps_as_unsigned_64_bit_arithmetic():
+    """The hash relies on int64 products wrapping mod 2^64 and on arithmetic right shifts: checked
+    against Python's exact integers for keys over draw_key's whole range (32 random bits + 2^32) and
+    every id."""
+    noise = RaceNoise(VOCAB, CPU)
+    random_bits = torch.randint(0, 2**32, (60,), generator=torch.Generator().manual_seed(0))
+    keys = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1]), random_bits]) | 2**32
+    multipliers = noise.multipliers.tolist()
+
+    def signed(x: int) -> int:
+        x %= 2**64
+        return x - 2**64 if x >= 2**63 else x
+
+    expected = []
+    for key in keys.tolist():
+        for m in multipliers:
+            x = signed(key * m)
+            x = signed(x ^ (x >> 32))  # Python's >> on negative ints is arithmetic, as torch's on int64
+            expected.append((signed(x * (0x94D049BB133111EB - 2**64)) >> 41) + 2**22 + 0.5)
+    u = torch.tensor(expected, dtype=torch.float64) / 2**23
+    assert torch.equal(noise(keys[:, None]).flatten(), u.float().log())
 
 
 def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
@@ -255,11 +281,17 @@ def test_a_token_top_k_removed_is_never_drawn_over_the_whole_vocabulary():
     assert token < 50
 
 
-def test_a_row_of_only_minus_inf_draws_without_error():
-    sampler = Sampler(1, VOCAB, EOS, CPU)
+@pytest.mark.parametrize("value", [-torch.inf, torch.nan])
+def test_a_row_of_only_minus_inf_or_nan_draws_without_error(value):
+    """A model gone wrong: every score becomes the lowest finite one, so every token is as likely as
+    any other (top_p 0.5 keeps the first half by token id); greedy takes token 0."""
+    sampler = Sampler(2, VOCAB, EOS, CPU)
     sampler.start(0, RowSettings(temperature=1.0, top_p=0.5), torch.tensor([1]))
-    token = sampler.sample(torch.full((1, VOCAB), -torch.inf), torch.tensor([0]), torch.tensor([0])).item()
-    assert 0 <= token < VOCAB
+    sampler.start(1, RowSettings(temperature=0), torch.tensor([1]))
+    tokens = [sampler.sample(torch.full((2, VOCAB), value), torch.arange(2), torch.tensor([i, i])).tolist() for i in range(200)]
+    sampled, greedy = [t[0] for t in tokens], [t[1] for t in tokens]
+    assert all(0 <= t < VOCAB // 2 for t in sampled) and len(set(sampled)) > 150
+    assert set(greedy) == {0}
 
 
 def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
