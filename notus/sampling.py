@@ -65,7 +65,7 @@ class RaceNoise:
     def __init__(self, vocab_size: int, device: torch.device):
         ids = torch.cat([vocab_size + torch.arange(vocab_size // BLOCK), torch.arange(BLOCK)])
         self.multipliers = (((ids * 0x9E3779B1) & _M32) * _C1 | 1).to(device)
-        self.base = torch.tensor(0.5 + 2.0**-24, device=device)  # log_uniform's offset, a device constant
+        self.base = torch.tensor(0.5 + 2.0**-24, dtype=torch.float32, device=device)  # log_uniform's offset
 
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         """log(u) [n, m, 381] for `keys` [n, m] (draw_key's)."""
@@ -206,7 +206,7 @@ class Sampler:
         `positions` [n]: the position whose logits each row holds (it picks the draw's key). The CPU
         passes what it knows of the rows to skip work (`shortcuts()`): `candidates`, how many of the
         best tokens top_k/top_p look at (None: all, one shape for CUDA graphs; 1: every row is
-        greedy), and `penalties=False` when no row uses one (nor holds EOS).
+        greedy), and `penalties=False` when no row uses one (the hold on EOS still applies).
         """
         scores = self.scores(logits, slots, penalties)
         if candidates == 1:
@@ -228,7 +228,11 @@ class Sampler:
     def scores(self, logits: torch.Tensor, slots: slice | torch.Tensor, penalties: bool = True) -> torch.Tensor:
         """The rows' scores after the penalties and the hold on EOS: finite, but a held EOS's -inf."""
         scores = logits if logits.dtype == torch.float32 else logits.float()
-        return self._penalised(scores, slots) if penalties else _finite(scores, out=scores)
+        if penalties:
+            return self._penalised(scores, slots)
+        scores = _finite(scores, out=scores)
+        scores[:, self.eos_id] -= self.subtracted[slots, self.eos_id]  # the hold on EOS alone: one column
+        return scores
 
     def distribution(self, scores: torch.Tensor, slots: slice | torch.Tensor, candidates: int | None = None) -> Distribution:
         """Temperature, top_k and top_p applied to `scores`: what the rows draw from.
@@ -280,8 +284,7 @@ def shortcuts(settings: list[RowSettings]) -> dict:
         candidates = None
     else:
         candidates = max(s.top_k for s in sampling)
-    penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty or s.min_tokens
-                    for s in settings)
+    penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
     return {"candidates": candidates, "penalties": penalties}
 
 

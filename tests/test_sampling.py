@@ -173,15 +173,15 @@ def test_penalties_equal_a_straightforward_reference(settings):
 def test_min_tokens_holds_off_eos_until_allowed(settings):
     """The hold is what the step subtracts from EOS's score (+inf), in the GPU's shape and the CPU's;
     the scheduler allows EOS before sampling token min_tokens (tests/test_scheduler.py checks when)."""
-    for candidates in (None, shortcuts([settings])["candidates"]):
+    for shape in ({}, shortcuts([settings])):  # the GPU's, the CPU's (penalties skipped: no row has one)
         sampler = Sampler(1, VOCAB, EOS, CPU)
         sampler.start(0, settings, torch.tensor([1]))
         logits = torch.zeros(1, VOCAB)
         logits[0, EOS] = 30.0  # EOS is by far the best
-        drawn = [sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([i]), candidates).item() for i in range(3)]
+        drawn = [sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([i]), **shape).item() for i in range(3)]
         sampler.allow_eos(0)
-        drawn.append(sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([3]), candidates).item())
-        assert EOS not in drawn[:3] and drawn[3] == EOS, (candidates, drawn)
+        drawn.append(sampler.sample(logits.clone(), torch.tensor([0]), torch.tensor([3]), **shape).item())
+        assert EOS not in drawn[:3] and drawn[3] == EOS, (shape, drawn)
 
 
 def test_draws_depend_only_on_seed_and_token_index():
