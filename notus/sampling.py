@@ -12,13 +12,13 @@ kernel launch): greedy is top_k 1, the settings are stored in the form the step 
 is read from a table made at the request's start, indexed by position. The draw is an exponential
 race (Gumbel-max without its second log) in two levels: a block of 256 tokens by its total weight,
 then a token inside it, with noise hashed from (the request's seed, its token index, the block
-number or the token's place in its block). It follows exactly the distribution softmax(processed scores), with
-noise for 381 numbers a row instead of 32,000; and it is an argmax keyed by token id, so the
-last-bit differences a batch makes in the logits almost never change it: a seed gives the same text
-alone or beside 31 other requests. No setting in range can put NaN or inf into it: scores are finite
-but a held EOS's -inf, so a row's best is finite, the weights exp((score - best) / temperature) lie
-in [0, 1], the best candidate is always kept, and the noise is finite and below 0 for every value of
-its bits.
+number or the token's place in its block). It follows exactly the distribution softmax(processed
+scores), with noise for 381 numbers a row instead of 32,000; and it is an argmax keyed by token id,
+so the last-bit differences a batch makes in the logits almost never change it: a seed gives the
+same text alone or beside 31 other requests. No setting in range can put NaN or inf into it: scores
+are finite but a held EOS's -inf, so a row's best is finite, the weights exp((score - best) /
+temperature) lie in [0, 1], the best candidate is always kept, and the noise is finite and below 0
+for every value of its bits.
 """
 
 from __future__ import annotations
