@@ -305,6 +305,37 @@ def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
 
 
+def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_writes():
+    """The CPU's greedy rows without penalties skip making the scores finite when each row's best is
+    finite and above the lowest finite score. Rows where that matters (NaN, infinities, only the
+    lowest score, EOS at the best while held) take the token the GPU's shape takes, which makes them
+    finite first; so do plain rows and ties across blocks."""
+    low = torch.finfo(torch.float32).min
+    rows = torch.randn(10, VOCAB, generator=torch.Generator().manual_seed(0))
+    rows[1, 7] = torch.nan  # a NaN below the best: it becomes the lowest
+    rows[2, [50, 100]] = torch.inf  # both become the highest: the first wins
+    rows[3] = -torch.inf
+    rows[4] = torch.nan
+    rows[5, ::3] = -torch.inf
+    rows[6, EOS] = 30.0  # EOS the best: the next best while it is held
+    rows[7, EOS] = torch.inf  # the highest, less the hold's +inf: -inf (inf - inf is NaN unmade finite)
+    rows[8, [300, 9000, 31000]] = 10.0  # ties in three blocks
+    rows[9] = low
+    rows[9, 0] = -torch.inf  # as low as every other once finite: token 0 is the first maximum
+    for min_tokens in (0, 3):  # EOS free, EOS held
+        settings = RowSettings(temperature=0, min_tokens=min_tokens)
+        tokens = []
+        for shape in ({}, shortcuts([settings])):  # the GPU's, the CPU's
+            assert shape == {} or shape == {"candidates": 1, "penalties": False}
+            sampler = Sampler(len(rows), VOCAB, EOS, CPU)
+            for slot in range(len(rows)):
+                sampler.start(slot, settings, torch.tensor([1]))
+            tokens.append(sampler.sample(rows.clone(), slice(0, len(rows)), torch.zeros(len(rows), dtype=torch.long), **shape))
+        assert torch.equal(tokens[0], tokens[1]), (min_tokens, tokens)
+        assert tokens[1][[1, 2, 8, 9]].tolist() == [rows[1].nan_to_num(nan=low).argmax().item(), 50, 300, 0]
+        assert (tokens[1][[6, 7]] != EOS).all() if min_tokens else (tokens[1][[6, 7]] == EOS).all()
+
+
 def test_settings_are_read_as_float32_holds_them():
     """A temperature that rounds to 0 in float32 is greedy (not 0 / 0 = NaN); a top_p that rounds to 1 is off."""
     sampler = Sampler(2, VOCAB, EOS, CPU)
