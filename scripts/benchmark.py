@@ -76,7 +76,7 @@ from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
 from random_checkpoint import write_small_files, write_tiny  # noqa: E402
 from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
-from versus_transformers import add_scaling, versus_row, versus_table  # noqa: E402
+from versus_transformers import versus_row, versus_table  # noqa: E402
 from burst_benchmark import burst_row, burst_table  # noqa: E402
 from request_streams import stream_all  # noqa: E402
 
@@ -410,7 +410,6 @@ def versus_mode(engine: Engine, description: str, args) -> None:
     generator = torch.Generator().manual_seed(0)
     rows = [versus_row(engine, [random_prompt(engine, args.prompt_lengths[0], generator) for _ in range(n)],
                        args.new_tokens, args.reps) for n in args.versus_transformers]
-    add_scaling(rows)
     device = engine.device.type
     report = {"model": description, **run_facts(device), "cuda_graphs": len(engine.scheduler.graphs),
               "slots": engine.scheduler.slots, "kv_cache_reuse": engine.scheduler.prefixes is not None,

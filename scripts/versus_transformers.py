@@ -8,7 +8,14 @@ For each N, N random prompts of equal length, greedy, exactly `new_tokens` each,
 Reported per path: aggregate output tokens/s (N x new_tokens over the median wall time from the
 start to the last token), the tokens produced (asserted to be N x new_tokens), the torch threads
 the model ran with; then project / static, project / continuous, project / the better of the two,
-and, when N=1 is measured, each path's aggregate over its own N=1 figure.
+and each path's aggregate over its own single stream (below).
+
+Each repetition runs the three paths in turn, and for N > 1 each path runs just before on one of the N
+prompts alone: a path's scaling ("x its own 1 stream") is the median over the repetitions of N x
+(one prompt's wall time) / (N prompts' wall time), and project / static (or continuous) the median of
+the repetitions' ratios. Paired so: the development machine's speed drifts within one process (the
+project's one stream read 224 to 378 tokens/s over five repetitions in a row), and ratios of rows
+measured a minute apart took that drift in.
 
 How transformers is run, and why:
 - End of sequence off (eos_token_id=-1), not min_new_tokens = max_new_tokens: generate_batch drops
@@ -121,55 +128,55 @@ def model_threads(model, seen: dict):
 
 
 def versus_row(engine: Engine, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
-    """The three paths on `prompts`, each warmed up once (a short run), then `reps` turns of all three."""
+    """The three paths on `prompts`, each warmed up once (a short run), then `reps` turns of all three
+    (for N > 1 each path on the first prompt alone, then on all N: the module's docstring)."""
     config = continuous_config(prompts, new_tokens)
-    runs = {"project": lambda tokens: project_run(engine, prompts, tokens),
-            "static": lambda tokens: static_run(engine, prompts, tokens),
-            "continuous": lambda tokens: continuous_run(engine, prompts, tokens, config)}
+    runs = {"project": lambda chosen, tokens: project_run(engine, chosen, tokens),
+            "static": lambda chosen, tokens: static_run(engine, chosen, tokens),
+            "continuous": lambda chosen, tokens: continuous_run(engine, chosen, tokens, config)}
     facts = {"project": engine.scheduler.call(
         lambda: {"torch_threads": torch.get_num_threads(), "thread": threading.current_thread().name})}
     timed = {name: [] for name in PATHS}
+    alone = {name: [] for name in PATHS}
     with quiet():
         try:
             for name in ("static", "continuous"):
                 with model_threads(engine.model, facts.setdefault(name, {})):
-                    runs[name](WARM_UP_TOKENS)
-            runs["project"](WARM_UP_TOKENS)
+                    runs[name](prompts, WARM_UP_TOKENS)
+            runs["project"](prompts, WARM_UP_TOKENS)
             manager = engine.model._cached_continuous_batching_manager
             resolved = manager.continuous_batching_config
             for _ in range(reps):
                 for name in PATHS:
-                    timed[name].append(runs[name](new_tokens))
+                    if len(prompts) > 1:
+                        alone[name].append(runs[name](prompts[:1], new_tokens))
+                    timed[name].append(runs[name](prompts, new_tokens))
         finally:
             engine.model.destroy_cached_continuous_batching_manager()
 
-    expected = len(prompts) * new_tokens
-    row = {"streams": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens_each": new_tokens}
+    n, expected = len(prompts), len(prompts) * new_tokens
+    row = {"streams": n, "prompt_tokens": len(prompts[0]), "new_tokens_each": new_tokens}
     for name in PATHS:
-        counts = [run["tokens"] for run in timed[name]]
-        assert counts == [expected] * reps, f"{name}: {counts} tokens, not {len(prompts)} x {new_tokens}"
+        counts = [run["tokens"] for run in timed[name]] + [run["tokens"] * n for run in alone[name]]
+        assert counts == [expected] * len(counts), f"{name}: {counts} tokens, not {n} x {new_tokens}"
         seconds = statistics.median(run["seconds"] for run in timed[name])
         row[name] = {"aggregate_tokens_per_second": expected / seconds, "tokens": expected, "wall_seconds": seconds,
-                     "wall_seconds_runs": [run["seconds"] for run in timed[name]], **facts[name]}
-    project = row["project"]["aggregate_tokens_per_second"]
-    row["project_over_static"] = project / row["static"]["aggregate_tokens_per_second"]
-    row["project_over_continuous"] = project / row["continuous"]["aggregate_tokens_per_second"]
+                     "wall_seconds_runs": [run["seconds"] for run in timed[name]],
+                     "one_stream_wall_seconds_runs": [run["seconds"] for run in alone[name]],
+                     "over_one_stream": statistics.median(
+                         n * one["seconds"] / run["seconds"] for one, run in zip(alone[name], timed[name]))
+                     if alone[name] else 1.0,
+                     **facts[name]}
+
+    def over(other: str) -> float:
+        return statistics.median(o["seconds"] / p["seconds"] for p, o in zip(timed["project"], timed[other]))
+
+    row["project_over_static"], row["project_over_continuous"] = over("static"), over("continuous")
     row["project_over_best"] = min(row["project_over_static"], row["project_over_continuous"])
     row["continuous_ids_equal_static"] = timed["continuous"][-1]["ids"] == timed["static"][-1]["ids"]
     row["continuous_batching_config"] = {key: getattr(resolved, key) for key in (
         "page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch", "use_cuda_graph")}
     return row
-
-
-def add_scaling(rows: list[dict]) -> None:
-    """Each path's aggregate over its own one-stream figure, when one stream was measured."""
-    one = next((row for row in rows if row["streams"] == 1), None)
-    if one is None:
-        return
-    for row in rows:
-        for name in PATHS:
-            row[name]["over_one_stream"] = (row[name]["aggregate_tokens_per_second"]
-                                            / one[name]["aggregate_tokens_per_second"])
 
 
 def versus_table(report: dict) -> str:
@@ -178,8 +185,8 @@ def versus_table(report: dict) -> str:
     lines = [
         f"{report['model']} on {report['device']} (torch {report['torch']}, transformers {report['transformers']}; "
         f"torch threads: {threads}): N random prompts of {rows[0]['prompt_tokens']} tokens, greedy, exactly "
-        f"{rows[0]['new_tokens_each']} new tokens each; aggregate output tok/s (x its own 1 stream), "
-        f"median of {report['reps']}",
+        f"{rows[0]['new_tokens_each']} new tokens each; aggregate output tok/s (x its own 1 stream, paired), "
+        f"medians of {report['reps']}",
         "",
         "| streams | project | static generate | generate_batch | project / static | project / continuous "
         "| project / best |",
@@ -189,7 +196,7 @@ def versus_table(report: dict) -> str:
         cells = []
         for name in PATHS:
             r = row[name]
-            scaling = f" ({r['over_one_stream']:.2f}x)" if "over_one_stream" in r else ""
+            scaling = f" ({r['over_one_stream']:.2f}x)"
             cells.append(f"{r['aggregate_tokens_per_second']:.1f}{scaling}")
         lines.append(f"| {row['streams']} | {' | '.join(cells)} | {row['project_over_static']:.2f} | "
                      f"{row['project_over_continuous']:.2f} | {row['project_over_best']:.2f} |")

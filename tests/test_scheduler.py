@@ -297,11 +297,12 @@ def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path
         for path in ("project", "static", "continuous"):
             assert r[path]["tokens"] == r["streams"] * 8 and r[path]["torch_threads"] == 1
             assert r[path]["aggregate_tokens_per_second"] == pytest.approx(r[path]["tokens"] / r[path]["wall_seconds"])
-            assert r[path]["over_one_stream"] == pytest.approx(
-                r[path]["aggregate_tokens_per_second"] / rows[0][path]["aggregate_tokens_per_second"])
-        project = r["project"]["aggregate_tokens_per_second"]
-        assert r["project_over_static"] == pytest.approx(project / r["static"]["aggregate_tokens_per_second"])
-        assert r["project_over_continuous"] == pytest.approx(project / r["continuous"]["aggregate_tokens_per_second"])
+            # Scaling paired within each repetition: the first prompt alone, then all N.
+            (alone,), (together,) = r[path]["one_stream_wall_seconds_runs"] or [None], r[path]["wall_seconds_runs"]
+            assert r[path]["over_one_stream"] == (1.0 if r["streams"] == 1 else pytest.approx(r["streams"] * alone / together))
+        project = r["project"]["wall_seconds_runs"][0]
+        assert r["project_over_static"] == pytest.approx(r["static"]["wall_seconds_runs"][0] / project)
+        assert r["project_over_continuous"] == pytest.approx(r["continuous"]["wall_seconds_runs"][0] / project)
         assert r["project_over_best"] == pytest.approx(min(r["project_over_static"], r["project_over_continuous"]))
         # Both of transformers' paths run the same greedy generation: in float32, the same tokens.
         assert r["continuous_ids_equal_static"]
