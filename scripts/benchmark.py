@@ -36,9 +36,10 @@ With --versus-transformers N [N ...], only issue 21's comparison (scripts/versus
 each N, N random prompts of the first --prompt-lengths' tokens (128 by default), greedy, exactly --new-tokens each,
 through the engine, through model.generate as one batch and through model.generate_batch
 (transformers' continuous batching), on the same model: aggregate output tokens/s of each, project
-over each and over the better of the two, and each path over its own 1 stream.
+over each and over the better of the two, and each path over its own 1 stream (paired within each
+repetition).
 
-    python scripts/benchmark.py --tiny --versus-transformers 1 8 32 --new-tokens 64 --prompt-lengths 128 --reps 3
+    python scripts/benchmark.py --tiny --versus-transformers 1 8 32 --new-tokens 64 --prompt-lengths 128 --reps 5
 
 With --burst N [N ...], only what packing prefill saves (scripts/burst_benchmark.py): for each N, N new
 prompts of --burst-prompt tokens (128 by default) at once, 16 new tokens each, with packing on and off
