@@ -13,9 +13,11 @@ and each path's aggregate over its own single stream (below).
 Each repetition runs the three paths in turn, and for N > 1 each path runs just before on one of the N
 prompts alone: a path's scaling ("x its own 1 stream") is the median over the repetitions of N x
 (one prompt's wall time) / (N prompts' wall time), and project / static (or continuous) the median of
-the repetitions' ratios. Paired so: the development machine's speed drifts within one process (the
-project's one stream read 224 to 378 tokens/s over five repetitions in a row), and ratios of rows
-measured a minute apart took that drift in.
+the repetitions' ratios. Paired so: the development machine's speed drifts within one process (in
+benchmarks/versus-transformers-cpu-20261129-231828.json the project's one stream read 224 to 380
+tokens/s over five repetitions), and ratios of rows measured a minute apart took that drift in.
+The continuous path's single prompt runs through the manager made for the N (max_requests_per_batch
+N, its blocks for N): one persistent manager per row.
 
 How transformers is run, and why:
 - End of sequence off (eos_token_id=-1), not min_new_tokens = max_new_tokens: generate_batch drops
@@ -140,10 +142,13 @@ def versus_row(engine: Engine, prompts: list[list[int]], new_tokens: int, reps: 
     alone = {name: [] for name in PATHS}
     with quiet():
         try:
+            warm_ups = [prompts, prompts[:1]] if len(prompts) > 1 else [prompts]
             for name in ("static", "continuous"):
                 with model_threads(engine.model, facts.setdefault(name, {})):
-                    runs[name](prompts, WARM_UP_TOKENS)
-            runs["project"](prompts, WARM_UP_TOKENS)
+                    for chosen in warm_ups:
+                        runs[name](chosen, WARM_UP_TOKENS)
+            for chosen in warm_ups:
+                runs["project"](chosen, WARM_UP_TOKENS)
             manager = engine.model._cached_continuous_batching_manager
             resolved = manager.continuous_batching_config
             for _ in range(reps):

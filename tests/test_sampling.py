@@ -307,9 +307,10 @@ def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
 
 def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_writes():
     """The CPU's greedy rows without penalties skip making the scores finite when each row's best is
-    finite and above the lowest finite score. Rows where that matters (NaN, infinities, only the
-    lowest score, EOS at the best while held) take the token the GPU's shape takes, which makes them
-    finite first; so do plain rows and ties across blocks."""
+    finite and above the lowest finite score. Batches with a row where that matters (NaN,
+    infinities, only the lowest score, EOS at the best while held) go the full way; batches without
+    one (plain rows, scattered -inf, EOS at the best, ties across blocks) go the short way. Either
+    takes the token of the GPU's shape, which makes the scores finite first."""
     low = torch.finfo(torch.float32).min
     rows = torch.randn(10, VOCAB, generator=torch.Generator().manual_seed(0))
     rows[1, 7] = torch.nan  # a NaN below the best: it becomes the lowest
@@ -322,18 +323,27 @@ def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_w
     rows[8, [300, 9000, 31000]] = 10.0  # ties in three blocks
     rows[9] = low
     rows[9, 0] = -torch.inf  # as low as every other once finite: token 0 is the first maximum
+
+    def tokens(batch: torch.Tensor, settings: RowSettings, shape: dict) -> tuple[torch.Tensor, bool]:
+        """The batch's tokens, and whether the scores were made finite (the full way)."""
+        sampler = Sampler(len(batch), VOCAB, EOS, CPU)
+        for slot in range(len(batch)):
+            sampler.start(slot, settings, torch.tensor([1]))
+        full, scores = [], sampler.scores
+        sampler.scores = lambda *args, **kwargs: full.append(True) or scores(*args, **kwargs)
+        return sampler.sample(batch.clone(), slice(0, len(batch)), torch.zeros(len(batch), dtype=torch.long), **shape), bool(full)
+
     for min_tokens in (0, 3):  # EOS free, EOS held
         settings = RowSettings(temperature=0, min_tokens=min_tokens)
-        tokens = []
-        for shape in ({}, shortcuts([settings])):  # the GPU's, the CPU's
-            assert shape == {} or shape == {"candidates": 1, "penalties": False}
-            sampler = Sampler(len(rows), VOCAB, EOS, CPU)
-            for slot in range(len(rows)):
-                sampler.start(slot, settings, torch.tensor([1]))
-            tokens.append(sampler.sample(rows.clone(), slice(0, len(rows)), torch.zeros(len(rows), dtype=torch.long), **shape))
-        assert torch.equal(tokens[0], tokens[1]), (min_tokens, tokens)
-        assert tokens[1][[1, 2, 8, 9]].tolist() == [rows[1].nan_to_num(nan=low).argmax().item(), 50, 300, 0]
-        assert (tokens[1][[6, 7]] != EOS).all() if min_tokens else (tokens[1][[6, 7]] == EOS).all()
+        cpu = shortcuts([settings])
+        assert cpu == {"candidates": 1, "penalties": False}
+        for batch, short in ((rows, False), (rows[[0, 5, 6, 8]], True)):
+            (gpu_tokens, _), (cpu_tokens, full) = tokens(batch, settings, {}), tokens(batch, settings, cpu)
+            assert torch.equal(gpu_tokens, cpu_tokens), (min_tokens, short, gpu_tokens, cpu_tokens)
+            assert full != short
+        all_tokens = tokens(rows, settings, cpu)[0]
+        assert all_tokens[[1, 2, 8, 9]].tolist() == [rows[1].nan_to_num(nan=low).argmax().item(), 50, 300, 0]
+        assert (all_tokens[[6, 7]] != EOS).all() if min_tokens else (all_tokens[[6, 7]] == EOS).all()
 
 
 def test_settings_are_read_as_float32_holds_them():
