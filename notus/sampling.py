@@ -332,12 +332,18 @@ def first_argmax(scores: torch.Tensor) -> torch.Tensor:
 def first_max(scores: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's maximum [rows] and its first index [rows] (argmax's), in two passes: the CPU's argmax
     kernel is not vectorised (2.3 ms for 32 rows of notus's 32,000 tokens, amax over blocks 0.15 ms).
-    The best block is the first whose maximum is the row's, and its first maximum is the row's first."""
+    The best block is the first whose maximum is the row's, and its first maximum is the row's first.
+    `scores` may be column-major (the CPU's large greedy batches: notus/forward.py): the blocks'
+    maxima are then taken across the rows, along the memory (along a row, each read would stride)."""
     rows, vocab = scores.shape
     if vocab % block:
         return scores.max(dim=-1)
     blocks = scores.view(rows, vocab // block, block)
-    best, at = blocks.amax(dim=-1).max(dim=-1, keepdim=True)  # [rows, 1]: max(dim) gives the first index
+    if scores.stride(-1) == 1:
+        block_max = blocks.amax(dim=-1)
+    else:
+        block_max = scores.t().view(vocab // block, block, rows).amax(dim=1).t()
+    best, at = block_max.max(dim=-1, keepdim=True)  # [rows, 1]: max(dim) gives the first index
     inside = blocks.gather(1, at[:, :, None].expand(rows, 1, block))[:, 0].argmax(dim=-1, keepdim=True)
     return best[:, 0], (at * block + inside)[:, 0]
 

@@ -421,7 +421,10 @@ class Scheduler:
         """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers).
         Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
         positions, used = self.positions[:batch], self.used[:batch]
-        logits = self.forward.decode(self.tokens[:batch], positions, self.write_slots[:batch], used, lengths)
+        # Greedy rows without penalties take the sampler's one pass, which reads the logits in either
+        # layout: the forward may then give them column-major (faster for many rows on the CPU).
+        logits = self.forward.decode(self.tokens[:batch], positions, self.write_slots[:batch], used, lengths,
+                                     column_major=candidates == 1 and not penalties)
         self.sampler.sample(logits, slice(0, batch), positions, candidates, penalties, out=self.tokens[:batch])
         positions.add_(self.active[:batch])  # in place on the view: `+=` would copy it onto itself after
         if self.forward.varlen is not None:

@@ -87,12 +87,12 @@ def test_the_kv_entries_counted_are_those_each_step_reads_and_those_live(fresh, 
     steps = []
     decode = forward.decode
 
-    def recorded(tokens, positions, write_slots, used, lengths):
+    def recorded(tokens, positions, write_slots, used, lengths, **kwargs):
         read = tokens.shape[0] * lengths if isinstance(lengths, int) else sum(lengths)
         decoding = (write_slots != scheduler.cache.scratch).tolist()
         live = sum(min(int(p) + 1, scheduler.window) for p, a in zip(positions.tolist(), decoding) if a)
         steps.append((read, live))
-        return decode(tokens, positions, write_slots, used, lengths)
+        return decode(tokens, positions, write_slots, used, lengths, **kwargs)
 
     monkeypatch.setattr(forward, "decode", recorded)
     prompts = [long_prompt(e, 50), long_prompt(e, 60), long_prompt(e, 300)]

@@ -79,12 +79,12 @@ def test_the_engine_through_the_varlen_call_replies_as_through_sdpa(engine, tiny
         forward.varlen = VarlenDecode(scheduler.cache.scratch, scheduler.window, scheduler.device)
         decode, steps = forward.decode, []
 
-        def recorded(tokens, positions, write_slots, used, lengths):
+        def recorded(tokens, positions, write_slots, used, lengths, **kwargs):
             # What each row reads: a decoding row (its own slot) its position + 1 up to the window, a padding row 1.
             wanted = [min(p + 1, scheduler.window) if slot == row else 1
                       for row, (p, slot) in enumerate(zip(positions.tolist(), write_slots.tolist()))]
             steps.append((used.tolist(), wanted))
-            return decode(tokens, positions, write_slots, used, lengths)
+            return decode(tokens, positions, write_slots, used, lengths, **kwargs)
 
         monkeypatch.setattr(forward, "decode", recorded)
         assert asyncio.run(replies(varlen)) == expected

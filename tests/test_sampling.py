@@ -303,6 +303,8 @@ def test_the_two_pass_argmax_is_torchs_first_index_of_the_maximum():
     scores[1, 31999] = 0.0
     scores[2, 31968:] = 5.0  # the maximum only in the last block
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
+    column_major = scores.t().contiguous().t()  # as many greedy rows' logits come on the CPU (notus/forward.py)
+    assert column_major.stride(0) == 1 and torch.equal(first_argmax(column_major), scores.argmax(dim=-1))
 
 
 def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_writes():
@@ -310,7 +312,8 @@ def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_w
     finite and above the lowest finite score. Batches with a row where that matters (NaN,
     infinities, only the lowest score, EOS at the best while held) go the full way; batches without
     one (plain rows, scattered -inf, EOS at the best, ties across blocks) go the short way. Either
-    takes the token of the GPU's shape, which makes the scores finite first."""
+    takes the token of the GPU's shape, which makes the scores finite first, from logits in either
+    layout (many greedy rows get them column-major on the CPU: notus/forward.py)."""
     low = torch.finfo(torch.float32).min
     rows = torch.randn(10, VOCAB, generator=torch.Generator().manual_seed(0))
     rows[1, 7] = torch.nan  # a NaN below the best: it becomes the lowest
@@ -324,23 +327,26 @@ def test_the_cpu_greedy_shortcut_takes_the_gpu_shapes_token_whatever_the_model_w
     rows[9] = low
     rows[9, 0] = -torch.inf  # as low as every other once finite: token 0 is the first maximum
 
-    def tokens(batch: torch.Tensor, settings: RowSettings, shape: dict) -> tuple[torch.Tensor, bool]:
+    def tokens(batch: torch.Tensor, settings: RowSettings, shape: dict, column_major: bool = False) -> tuple[torch.Tensor, bool]:
         """The batch's tokens, and whether the scores were made finite (the full way)."""
+        logits = batch.t().contiguous().t() if column_major else batch.clone()
         sampler = Sampler(len(batch), VOCAB, EOS, CPU)
         for slot in range(len(batch)):
             sampler.start(slot, settings, torch.tensor([1]))
         full, scores = [], sampler.scores
         sampler.scores = lambda *args, **kwargs: full.append(True) or scores(*args, **kwargs)
-        return sampler.sample(batch.clone(), slice(0, len(batch)), torch.zeros(len(batch), dtype=torch.long), **shape), bool(full)
+        return sampler.sample(logits, slice(0, len(batch)), torch.zeros(len(batch), dtype=torch.long), **shape), bool(full)
 
     for min_tokens in (0, 3):  # EOS free, EOS held
         settings = RowSettings(temperature=0, min_tokens=min_tokens)
         cpu = shortcuts([settings])
         assert cpu == {"candidates": 1, "penalties": False}
         for batch, short in ((rows, False), (rows[[0, 5, 6, 8]], True)):
-            (gpu_tokens, _), (cpu_tokens, full) = tokens(batch, settings, {}), tokens(batch, settings, cpu)
-            assert torch.equal(gpu_tokens, cpu_tokens), (min_tokens, short, gpu_tokens, cpu_tokens)
-            assert full != short
+            gpu_tokens = tokens(batch, settings, {})[0]
+            for column_major in (False, True):
+                cpu_tokens, full = tokens(batch, settings, cpu, column_major)
+                assert torch.equal(gpu_tokens, cpu_tokens), (min_tokens, short, column_major, gpu_tokens, cpu_tokens)
+                assert full != short
         all_tokens = tokens(rows, settings, cpu)[0]
         assert all_tokens[[1, 2, 8, 9]].tolist() == [rows[1].nan_to_num(nan=low).argmax().item(), 50, 300, 0]
         assert (all_tokens[[6, 7]] != EOS).all() if min_tokens else (all_tokens[[6, 7]] == EOS).all()

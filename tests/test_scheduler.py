@@ -26,6 +26,7 @@ from aio import concurrently, flattened, joined, text
 from notus import decode_attention
 from notus.decode_attention import VarlenDecode
 from notus.engine import Engine, GenerationStats
+from notus.forward import COLUMN_MAJOR_ROWS
 from notus.params import SamplingParams
 from notus.scheduler import CHUNK
 from notus.stream import TextStream
@@ -325,14 +326,24 @@ def test_greedy_parity_script_finds_full_agreement_in_float32(tmp_path):
 def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_batch(engine):
     if engine.device.type != "cpu":
         pytest.skip("the packed projection is the CPU's")
-    forward = engine.scheduler.forward
-    assert forward.lm_head is not engine.model.lm_head  # the packed oneDNN projection on the CPU
-    x = torch.randn(8, engine.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    lm_head = engine.scheduler.forward.packed_lm_head
+    assert lm_head is not None  # the packed oneDNN projection on the CPU
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        batched = forward.lm_head(x)
+        x = torch.randn(8, engine.model.config.hidden_size, generator=generator)
+        batched = lm_head(x)
         torch.testing.assert_close(batched, engine.model.lm_head(x))
         for row in (0, 3, 7):  # a row's logits do not depend on what runs beside it
-            assert torch.equal(forward.lm_head(x[row : row + 1]), batched[row : row + 1])
+            assert torch.equal(lm_head(x[row : row + 1]), batched[row : row + 1])
+        # Many greedy rows get them column-major (W x^T, faster): the very same bits as row by row.
+        for rows, scale in ((COLUMN_MAJOR_ROWS, 1.0), (COLUMN_MAJOR_ROWS, 1e3), (2 * COLUMN_MAJOR_ROWS + 5, 1e-2)):
+            x = torch.randn(rows, engine.model.config.hidden_size, generator=generator) * scale
+            logits = lm_head(x, column_major=True)
+            assert logits.shape == (rows, engine.model.config.vocab_size) and logits.stride(0) == 1
+            assert torch.equal(logits, lm_head(x))
+            assert torch.equal(logits[5 : 6], lm_head(x[5 : 6]))
+        fewer = lm_head(x[: COLUMN_MAJOR_ROWS - 1], column_major=True)  # too few rows to gain: row-major
+        assert fewer.stride(-1) == 1 and torch.equal(fewer, lm_head(x[: COLUMN_MAJOR_ROWS - 1]))
 
 
 def test_logit_parity_script_finds_the_engines_logits_equal_transformers_in_float32(tmp_path):
