@@ -162,9 +162,10 @@ class Sampler:
         return (self.temperature, self.rank_log_keep, self.top_p, self.frequency_penalty, self.draw_keys,
                 self.counts, self.seen, self.seen_values)
 
-    def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor) -> None:
-        """A new request in `slot`. Fills with the values as kernel arguments: `tensor[slot] = value`
-        would first make each value a host tensor and copy it over (a synchronising copy on the GPU)."""
+    def start(self, slot: int, settings: RowSettings, prompt_ids: torch.Tensor, max_tokens: int | None = None) -> None:
+        """A new request in `slot`, of at most `max_tokens` tokens (None: up to the context's length).
+        Fills with the values as kernel arguments: `tensor[slot] = value` would first make each value
+        a host tensor and copy it over (a synchronising copy on the GPU)."""
         # As float32 stores them: a temperature that rounds to 0 is greedy (not 0 / 0), a top_p that rounds to 1 is off.
         temperature, top_p = _float32(settings.temperature), _float32(settings.top_p)
         sampled = temperature > 0
@@ -184,7 +185,11 @@ class Sampler:
         self.seen_values[slot, 0].fill_(settings.repetition_penalty)
         self.seen_values[slot, 1].fill_(settings.presence_penalty)
         self.rank_log_keep[slot, (settings.top_k or self.vocab_size) if sampled else 1 :].fill_(-torch.inf)
-        self.draw_keys[slot] = draw_key(settings.seed, self.indices - (len(prompt_ids) - 1))
+        # The keys of the positions its rows read: L - 1 (its first token) to L - 1 + max_tokens
+        # (its padding steps'), not the whole context (a hash over 32,768 positions: 0.3 ms a request on the CPU).
+        last = len(prompt_ids) - 1
+        reach = self.indices[: (len(self.indices) - last if max_tokens is None else max_tokens + 1)]
+        self.draw_keys[slot, last : last + len(reach)] = draw_key(settings.seed, reach)
         self.repetition[slot].index_fill_(0, prompt_ids, settings.repetition_penalty)
         if settings.min_tokens:
             self.subtracted[slot, self.eos_id].fill_(torch.inf)

@@ -352,7 +352,7 @@ class Scheduler:
         slots = self._on_device([r.slot for r in requests])
         last = self._on_device([len(r.input_ids) - 1 for r in requests])  # the prompts' last positions
         for request in requests:
-            self.sampler.start(request.slot, request.settings, self._on_device(request.input_ids))
+            self.sampler.start(request.slot, request.settings, self._on_device(request.input_ids), request.max_tokens)
         first = self.sampler.sample(logits, slots, last, **self._shortcuts(requests))
         self.tokens[slots] = first
         self.positions[slots] = last + 1

@@ -185,13 +185,17 @@ def test_min_tokens_holds_off_eos_until_allowed(settings):
 
 
 def test_draws_depend_only_on_seed_and_token_index():
-    sampler = Sampler(3, VOCAB, EOS, CPU)
-    for slot, seed in enumerate([5, 5, 6]):
-        sampler.start(slot, RowSettings(temperature=1.0, seed=seed), torch.tensor([1]))
-    logits = torch.randn(1, VOCAB).expand(3, VOCAB).clone()
-    tokens = [sampler.sample(logits.clone(), torch.arange(3), torch.full((3,), i)).tolist() for i in range(20)]
-    assert all(a == b for a, b, _ in tokens)  # same seed, same draws, whatever the row
-    assert any(a != c for a, _, c in tokens)  # another seed, other draws
+    """A request's draw for its token i (at position L - 1 + i, L its prompt's length) is the same
+    whatever its row, its prompt's length, its max_tokens and the request its slot held before."""
+    sampler = Sampler(4, VOCAB, EOS, CPU)
+    sampler.start(3, RowSettings(temperature=1.0, seed=9), torch.tensor([1]))  # slot 3's last request
+    for slot, seed, prompt, max_tokens in [(0, 5, 1, None), (1, 5, 1, None), (2, 6, 1, None), (3, 5, 7, 20)]:
+        sampler.start(slot, RowSettings(temperature=1.0, seed=seed), torch.tensor([1] * prompt), max_tokens)
+    logits = torch.randn(1, VOCAB).expand(4, VOCAB).clone()
+    first = torch.tensor([0, 0, 0, 6])  # each row's first token's position
+    tokens = [sampler.sample(logits.clone(), torch.arange(4), first + i).tolist() for i in range(20)]
+    assert all(a == b == d for a, b, _, d in tokens)  # same seed, same draws, whatever the row
+    assert any(a != c for a, _, c, _ in tokens)  # another seed, other draws
 
 
 @pytest.mark.parametrize("settings", [RowSettings(temperature=1.0, top_k=50, top_p=0.5, seed=3),
