@@ -144,7 +144,8 @@ class Sampler:
         self.frequency_penalty = per_slot(0.0, torch.float32)
         self.ones = per_slot(1.0, torch.float32)
         # draw_key(seed, p - (L - 1)) for each position p a request reaches (a finished row's padding
-        # steps read its last: L - 1 + max_tokens, below the context's length).
+        # steps read its last: L - 1 + max_tokens, below the context's length). Other entries hold an
+        # earlier request's keys, or 0: only padding rows, whose tokens no one reads, draw with them.
         self.draw_keys = per_slot(0, torch.long, context_length)
         self.rank_log_keep = per_slot(0.0, torch.float32, vocab_size)
         self.counts = per_slot(0.0, torch.float32, vocab_size)  # in the reply

@@ -419,7 +419,8 @@ class Scheduler:
     def _step(self, batch: int, lengths: int | list[int], candidates: int | None = None,
               penalties: bool = True) -> torch.Tensor:
         """One decode step of slots 0..batch-1; the new tokens land in self.tokens (fixed buffers).
-        Returns the step's logits (as sampling left them: float32 ones are processed in place)."""
+        Returns the step's logits (as sampling left them: float32 ones are processed in place; a
+        column-major view where the step was greedy without penalties: Forward.decode)."""
         positions, used = self.positions[:batch], self.used[:batch]
         # Greedy rows without penalties take the sampler's one pass, which reads the logits in either
         # layout: the forward may then give them column-major (faster for many rows on the CPU).

@@ -31,13 +31,16 @@ def graphed(tiny_weights) -> Engine:
     engine.scheduler.close()
 
 
+PROMPT = 50  # replay_against_eager's prompts' length
+
+
 def replay_against_eager(scheduler) -> int:
     """For each graph: from one state (random cache, tokens, positions below its length bucket, four
     sampling settings), the eager step of the graph's shape, then the replay; both must leave the same
     tokens, logits, cache and sampler state. Runs on the engine thread; how many graphs it compared."""
     sampler, vocab = scheduler.sampler, scheduler.sampler.vocab_size
     for slot in range(scheduler.slots):
-        sampler.start(slot, SETTINGS[slot % len(SETTINGS)], torch.randint(0, vocab, (50,), device=scheduler.device))
+        sampler.start(slot, SETTINGS[slot % len(SETTINGS)], torch.randint(0, vocab, (PROMPT,), device=scheduler.device))
     scheduler.cache.k.normal_()
     scheduler.cache.v.normal_()
     state = {"tokens": scheduler.tokens, "positions": scheduler.positions, "k": scheduler.cache.k,
@@ -45,7 +48,8 @@ def replay_against_eager(scheduler) -> int:
     try:
         for (batch, length), graph in scheduler.graphs.items():
             scheduler.tokens.random_(0, vocab)
-            scheduler.positions.random_(0, length if length < scheduler.window else 2 * scheduler.window)
+            # From the prompts' last position: a request's draws begin there (below it, its slot's keys are not its own).
+            scheduler.positions.random_(PROMPT - 1, length if length < scheduler.window else 2 * scheduler.window)
             scheduler.active.fill_(True)
             scheduler.write_slots.copy_(torch.arange(scheduler.slots))
             scheduler.used.copy_((scheduler.positions + 1).clamp(max=scheduler.window))

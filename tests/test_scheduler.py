@@ -17,6 +17,7 @@ import time
 import weakref
 from contextlib import aclosing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from aio import concurrently, flattened, joined, text
 from notus import decode_attention
 from notus.decode_attention import VarlenDecode
 from notus.engine import Engine, GenerationStats
-from notus.forward import COLUMN_MAJOR_ROWS
+from notus.forward import COLUMN_MAJOR_ROWS, _packed_lm_head
 from notus.params import SamplingParams
 from notus.scheduler import CHUNK
 from notus.stream import TextStream
@@ -76,6 +77,29 @@ def test_greedy_equals_generate_alone_and_as_one_of_8_concurrent_sequences(engin
     expected = [generate_reference(engine, ids, **params) for ids in prompts]
     assert [engine_ids(engine, ids, **params) for ids in prompts] == expected
     assert concurrently(lambda ids: ids_of(engine, ids, **params), prompts) == expected
+
+
+def test_greedy_equals_generate_as_one_of_32_concurrent_sequences(engine, monkeypatch):
+    """32 greedy rows in a step: on the CPU their logits come column-major (notus/forward.py), and
+    every reply is still generate's."""
+    many = Engine(engine.model, engine.prompt, slots=32, reuse=False)
+    try:
+        lm_head, layouts = many.scheduler.forward.packed_lm_head, []
+        if lm_head is not None:  # the CPU's float32
+
+            def recorded(x, column_major=False):
+                logits = lm_head(x, column_major)
+                layouts.append((x.shape[0], logits.stride(-1) != 1))
+                return logits
+
+            monkeypatch.setattr(many.scheduler.forward, "packed_lm_head", recorded)
+        prompts = [long_prompt(engine, 5 + 3 * i) for i in range(32)]
+        params = dict(max_tokens=12, min_tokens=12, **GREEDY)
+        expected = [generate_reference(engine, ids, **params) for ids in prompts]
+        assert concurrently(lambda ids: ids_of(many, ids, **params), prompts) == expected
+        assert lm_head is None or (32, True) in layouts, layouts
+    finally:
+        many.scheduler.close()
 
 
 SAMPLED = [
@@ -344,6 +368,12 @@ def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_
             assert torch.equal(logits[5 : 6], lm_head(x[5 : 6]))
         fewer = lm_head(x[: COLUMN_MAJOR_ROWS - 1], column_major=True)  # too few rows to gain: row-major
         assert fewer.stride(-1) == 1 and torch.equal(fewer, lm_head(x[: COLUMN_MAJOR_ROWS - 1]))
+        # notus's own width, 4,096 (a smaller vocabulary keeps it quick): the same bits too.
+        wide = SimpleNamespace(lm_head=torch.nn.Linear(4096, 2048, bias=False))
+        torch.nn.init.normal_(wide.lm_head.weight, std=0.02, generator=generator)
+        wide_head = _packed_lm_head(wide, COLUMN_MAJOR_ROWS)
+        x = torch.randn(COLUMN_MAJOR_ROWS + 5, 4096, generator=generator)
+        assert torch.equal(wide_head(x, column_major=True), wide_head(x))
 
 
 def test_logit_parity_script_finds_the_engines_logits_equal_transformers_in_float32(tmp_path):
