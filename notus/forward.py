@@ -264,7 +264,8 @@ def _packed_lm_head(model, batch: int):
 
     What torch.compile's CPU backend does for a frozen linear layer (the same op). For 8 rows it
     was 2.4x to 3x faster than torch's default matmul (MKL) on the development CPU, and each row's
-    logits are the same alone or in a batch (MKL's differ in the last bits with the batch size).
+    logits are the same alone or in a batch (MKL's differ in the last bits with the batch size; so
+    do torch 2.11's oneDNN kernels: tests/test_scheduler.py checks the pinned torch's).
 
     With `column_major` and at least COLUMN_MAJOR_ROWS rows, the logits are computed transposed,
     W x^T: [vocab, rows], the rows packed as the weight, returned as a [rows, vocab] view: the same
