@@ -217,7 +217,8 @@ class Sampler:
         greedy), and `penalties=False` when no row uses one (the hold on EOS still applies).
         """
         if candidates == 1:
-            cpu_shortcut = not penalties and logits.device.type == "cpu"  # its check reads the device: not on a GPU
+            # On the CPU only: the one pass's check reads the device, which an eager GPU step would wait on.
+            cpu_shortcut = one_pass_greedy(candidates, penalties) and logits.device.type == "cpu"
             token = self._greedy(logits, slots) if cpu_shortcut else first_argmax(self.scores(logits, slots, penalties))
             token = token if out is None else out.copy_(token)
         else:
@@ -311,6 +312,12 @@ def shortcuts(settings: list[RowSettings]) -> dict:
         candidates = max(s.top_k for s in sampling)
     penalties = any(s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty for s in settings)
     return {"candidates": candidates, "penalties": penalties}
+
+
+def one_pass_greedy(candidates: int | None, penalties: bool) -> bool:
+    """Whether `Sampler.sample` takes its rows' tokens in one greedy pass (on the CPU: `_greedy`),
+    which reads the logits in either memory layout: every row greedy, none with a penalty."""
+    return candidates == 1 and not penalties
 
 
 def top_k(scores: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ import torch
 
 from notus.forward import Forward, KVCache, Segment
 from notus.prefix_cache import PrefixCache
-from notus.sampling import RowSettings, Sampler, shortcuts
+from notus.sampling import RowSettings, Sampler, one_pass_greedy, shortcuts
 
 log = logging.getLogger("notus")
 
@@ -422,10 +422,9 @@ class Scheduler:
         Returns the step's logits (as sampling left them: float32 ones are processed in place; a
         column-major view where the step was greedy without penalties: Forward.decode)."""
         positions, used = self.positions[:batch], self.used[:batch]
-        # Greedy rows without penalties take the sampler's one pass, which reads the logits in either
-        # layout: the forward may then give them column-major (faster for many rows on the CPU).
+        # Where the sampler's one pass reads them, the logits may come column-major (faster for many rows on the CPU).
         logits = self.forward.decode(self.tokens[:batch], positions, self.write_slots[:batch], used, lengths,
-                                     column_major=candidates == 1 and not penalties)
+                                     column_major=one_pass_greedy(candidates, penalties))
         self.sampler.sample(logits, slice(0, batch), positions, candidates, penalties, out=self.tokens[:batch])
         positions.add_(self.active[:batch])  # in place on the view: `+=` would copy it onto itself after
         if self.forward.varlen is not None:
