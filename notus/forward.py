@@ -13,8 +13,8 @@ modules is ours, so the cache is plain tensors:
   (FlashAttention's variable-length kernel: notus/decode_attention.py). Through SDPA (the CPU, float32
   on a GPU, or where that kernel fails its check) a graph's rows all read the first `length` entries
   (a bucket covering every decoding sequence, masked per row); eager, each row reads its own (the
-  scheduler gives rows of similar lengths one masked call instead). Grouped-query attention reads
-  each K/V once, in place, never repeated.
+  scheduler gives rows of similar lengths one masked call instead; rows of one length take one
+  call, unmasked). Grouped-query attention reads each K/V once, in place, never repeated.
 - Prefill: chunks of several sequences (segments) in one forward, so the weights are read once for
   all of them: the matrix products run over their tokens together, and each chunk attends over its
   own ring plus itself, with a mask of chunk x (ring + chunk): bounded by the chunk size, whatever
@@ -146,7 +146,8 @@ class Forward:
 
         `lengths`: the ring entries attention reads, one bucket for every row (an int: the shape a
         CUDA graph needs; every decoding row's position below it, or past the window and it is the
-        window), or each row's own (a list: its position + 1, at most the window; no mask needed).
+        window), or each row's own (a list: its position + 1, at most the window; no mask needed,
+        and rows of one length attend in one call).
         With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is:
         `used` [batch] (int32), its position + 1 up to the window, 1 for a row not decoding. Rows not
         decoding (a batch bucket's padding) compute too but write their K/V where `write_slots` [batch]
@@ -159,6 +160,7 @@ class Forward:
         write_at = positions % cache.window
         if self.varlen is None and isinstance(lengths, int):
             visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
+        equal = isinstance(lengths, list) and lengths.count(lengths[0]) == batch
         x = F.embedding(tokens, self.embedding)
         rotation = self.rotary.at(positions)
         with attention_kernel("decode", cache):
@@ -171,6 +173,9 @@ class Forward:
                     out = self.varlen(q, cache.k[i], cache.v[i], used, self.scale)
                 elif isinstance(lengths, int):
                     out = sdpa_rows(q, cache.k[i][:batch, :lengths], cache.v[i][:batch, :lengths], self.scale, visible)
+                elif equal:  # every row reads as many entries: one call, and no mask to build or read
+                    n = lengths[0]
+                    out = sdpa_rows(q, cache.k[i][:batch, :n], cache.v[i][:batch, :n], self.scale)
                 else:
                     out = torch.cat([sdpa_rows(q[r : r + 1], cache.k[i][r : r + 1, :n], cache.v[i][r : r + 1, :n],
                                                self.scale) for r, n in enumerate(lengths)])

@@ -20,8 +20,8 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
    down into slots freed below them, so the bucket covers just the requests in flight), replayed
    on the GPU from the CUDA graph of its batch bucket, each row's attention reading its own ring
    entries (or, where that kernel failed its setup check, of its batch and length bucket, one
-   covering every row's position); eager (the CPU), each row reads its own length, or rows of
-   similar lengths share one masked call;
+   covering every row's position); eager (the CPU), each row reads its own length: rows of one
+   length in one call, rows of similar lengths in one masked call, others a call each;
 5. hands out the tokens of the previous step: the host reads tokens one step behind, so the GPU
    always has the next step queued and never waits on Python.
 
@@ -391,9 +391,10 @@ class Scheduler:
                 else:
                     self._step(batch, length)  # uncaptured (tests run the graphs' shapes on the CPU)
             else:
-                if batch > 1 and batch * max(lengths) <= 2 * sum(lengths):
+                if batch > 1 and lengths.count(lengths[0]) < batch and batch * max(lengths) <= 2 * sum(lengths):
                     # Rows of similar lengths: one masked call over the longest reads at most twice
                     # what is live, and costs less than a call per row (kept for lengths far apart).
+                    # Rows of one length stay a list: one call, no mask (Forward.decode).
                     lengths = max(lengths)
                 self._count_kv(batch * lengths if isinstance(lengths, int) else sum(lengths), live)
                 self._step(batch, lengths, **self._shortcuts(rows))

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from aio import concurrently, flattened, joined, text
-from notus import decode_attention
+from notus import decode_attention, forward as forward_module
 from notus.decode_attention import VarlenDecode
 from notus.engine import Engine, GenerationStats
 from notus.forward import COLUMN_MAJOR_ROWS, _packed_lm_head
@@ -100,6 +100,25 @@ def test_greedy_equals_generate_as_one_of_32_concurrent_sequences(engine, monkey
         assert lm_head is None or (32, True) in layouts, layouts
     finally:
         many.scheduler.close()
+
+
+def test_greedy_equals_generate_for_8_prompts_of_one_length_attending_in_one_unmasked_call(engine, monkeypatch):
+    """8 different prompts of the same length decode in step, every row reading as many ring entries:
+    eager, their attention is one SDPA call with no mask (notus/forward.py), and every reply is
+    still generate's."""
+    calls = []
+    sdpa_rows = forward_module.sdpa_rows
+
+    def recorded(q, keys, values, scale, visible=None):
+        calls.append((q.shape[0], visible is None))
+        return sdpa_rows(q, keys, values, scale, visible)
+
+    monkeypatch.setattr(forward_module, "sdpa_rows", recorded)
+    prompts = [long_prompt(engine, 40 + i)[:40] for i in range(8)]
+    params = dict(max_tokens=12, min_tokens=12, **GREEDY)
+    expected = [generate_reference(engine, ids, **params) for ids in prompts]
+    assert concurrently(lambda ids: ids_of(engine, ids, **params), prompts) == expected
+    assert engine.scheduler.cuda_graphs or (8, True) in calls, sorted(set(calls))
 
 
 SAMPLED = [
