@@ -51,6 +51,12 @@ ATTENTION_KERNELS = {
 COLUMN_MAJOR_ROWS = 32  # decode batches from which the CPU's greedy logits may come column-major (_packed_lm_head)
 
 
+def one_length(lengths: list[int]) -> bool:
+    """Whether every row of an eager decode step reads as many ring entries: then one attention call
+    over all of them needs no mask (Forward.decode), and the scheduler keeps their lengths a list."""
+    return lengths.count(lengths[0]) == len(lengths)
+
+
 def attention_kernel(use: str, cache: KVCache):
     """SDPA limited to the one kernel pinned for `use` on CUDA in bf16 (how notus runs). Elsewhere SDPA
     chooses: the CPU has its own kernels, and FlashAttention takes no float32 (the GPU exactness tests)."""
@@ -160,7 +166,7 @@ class Forward:
         write_at = positions % cache.window
         if self.varlen is None and isinstance(lengths, int):
             visible = (self.entries[:lengths] <= positions[:, None])[:, None, None, :]
-        equal = isinstance(lengths, list) and lengths.count(lengths[0]) == batch
+        equal = isinstance(lengths, list) and one_length(lengths)
         x = F.embedding(tokens, self.embedding)
         rotation = self.rotary.at(positions)
         with attention_kernel("decode", cache):

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from notus.forward import Forward, KVCache, Segment
+from notus.forward import Forward, KVCache, Segment, one_length
 from notus.prefix_cache import PrefixCache
 from notus.sampling import RowSettings, Sampler, one_pass_greedy, shortcuts
 
@@ -391,7 +391,7 @@ class Scheduler:
                 else:
                     self._step(batch, length)  # uncaptured (tests run the graphs' shapes on the CPU)
             else:
-                if batch > 1 and lengths.count(lengths[0]) < batch and batch * max(lengths) <= 2 * sum(lengths):
+                if batch > 1 and not one_length(lengths) and batch * max(lengths) <= 2 * sum(lengths):
                     # Rows of similar lengths: one masked call over the longest reads at most twice
                     # what is live, and costs less than a call per row (kept for lengths far apart).
                     # Rows of one length stay a list: one call, no mask (Forward.decode).
