@@ -10,10 +10,11 @@ prefill chunk, so its work stops within a token, not at max_tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -149,18 +150,24 @@ class Engine:
         """Text of the reply to a conversation (notus/messages.py checks it, here), as soon as each
         piece is complete. Fills `stats` as it goes. The templated prompt's stream_ids() itself: no
         generator in between for every piece to pass through."""
-        return self.stream_ids(self.prompt.conversation_ids(turns), params, stats)
+        return self.stream_ids(functools.partial(self.prompt.conversation_ids, turns), params, stats)
 
     async def stream_ids(
-        self, input_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None
+        self, input_ids: list[int] | Callable[[], list[int]], params: SamplingParams,
+        stats: GenerationStats | None = None,
     ) -> AsyncIterator[str]:
-        """Text of the reply to an already templated prompt (what stream() and the benchmark use).
+        """Text of the reply to an already templated prompt (the benchmark's), or to the ids a function
+        makes (stream_conversation's tokenizing), called on a worker thread: the longest prompts the
+        checks let through take the tokenizer 1.5 s on the development CPU, which on the event loop
+        would stall every other reply's stream (the tokenizer lets go of the GIL).
 
         One piece per token that completes text, however the tokens arrived: the same inputs and
         seed give the same list of pieces, alone or beside others.
         """
         stats = stats if stats is not None else GenerationStats()
         params.validate()
+        if callable(input_ids):
+            input_ids = await asyncio.to_thread(input_ids)
         stats.input_token_count = len(input_ids)
         params = self._fit_context(len(input_ids), params)
         seed = params.seed if params.seed is not None else secrets.randbits(32)

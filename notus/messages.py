@@ -8,7 +8,7 @@ malformed reaches the model.
 
 from __future__ import annotations
 
-from notus.params import CONTEXT_LENGTH, MAX_PROMPT_CHARS
+from notus.params import CONTEXT_LENGTH, MAX_PROMPT_BYTES, MAX_PROMPT_CHARS
 
 Conversation = list[tuple[str, str]]  # (role, content), as notus/prompt.py renders it
 MAX_MESSAGES = CONTEXT_LENGTH // 4  # each message renders to at least 4 tokens: more cannot fit
@@ -23,9 +23,12 @@ def conversation(prompt: str = "", system_prompt: str = "", messages: list | Non
                              f"{' and '.join(given)} {'was' if len(given) == 1 else 'were'} given too")
         return checked(messages)
     if not prompt:
-        raise ValueError("give prompt (your message) or messages (a conversation): both are empty")
+        alone = "; system_prompt alone is not a message" if system_prompt else ""
+        raise ValueError(f"give prompt (your message) or messages (a conversation): both are empty{alone}")
     for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
-        _check_length(name, len(text))
+        _check_length(name, len(text), _utf8_bytes(text))
+    _check_length("prompt + system_prompt", len(prompt) + len(system_prompt),
+                  _utf8_bytes(prompt) + _utf8_bytes(system_prompt))
     return [("system", system_prompt), ("user", prompt)]
 
 
@@ -37,7 +40,7 @@ def checked(messages: list) -> Conversation:
         raise ValueError(f"messages holds {len(messages):,} messages; at most {MAX_MESSAGES:,} fit the "
                          f"{CONTEXT_LENGTH:,}-token context (each takes at least 4 tokens)")
     turns: Conversation = []
-    expected, chars = "user", 0  # the role the next user/assistant message must have; characters so far
+    expected, chars, size = "user", 0, 0  # the role the next user/assistant message must have; text so far
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -63,8 +66,8 @@ def checked(messages: list) -> Conversation:
             expected = "assistant" if role == "user" else "user"
         if role == "user" and not content:
             raise ValueError(f"{where}.content is empty: a user message needs text")
-        chars += len(content)
-        _check_length("messages", chars)
+        chars, size = chars + len(content), size + _utf8_bytes(content)
+        _check_length("messages", chars, size)
         turns.append((role, content))
     if not turns or turns[-1][0] != "user":
         last = f"messages[{len(turns) - 1}] is {turns[-1][0]!r}" if turns else "messages is empty"
@@ -72,10 +75,18 @@ def checked(messages: list) -> Conversation:
     return turns
 
 
-def _check_length(name: str, chars: int) -> None:
-    if chars > MAX_PROMPT_CHARS:  # longer than any text that fits the context: don't tokenize it
+def _check_length(name: str, chars: int, size: int) -> None:
+    """Text longer than any that fits the context is refused before it is tokenized (notus/params.py)."""
+    if chars > MAX_PROMPT_CHARS:
         raise ValueError(f"{name} holds {chars:,} characters; at most {MAX_PROMPT_CHARS:,} can fit the "
                          f"{CONTEXT_LENGTH:,}-token context")
+    if size > MAX_PROMPT_BYTES:
+        raise ValueError(f"{name} holds {size:,} bytes of UTF-8; at most {MAX_PROMPT_BYTES:,} can fit the "
+                         f"{CONTEXT_LENGTH:,}-token context")
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate counts, rather than raising here
 
 
 def _kind(value) -> str:

@@ -24,7 +24,8 @@ def test_messages_are_the_conversation_as_given():
     "inputs,error",
     [
         ({}, "give prompt (your message) or messages (a conversation): both are empty"),
-        ({"system_prompt": "Be brief."}, "give prompt (your message) or messages (a conversation): both are empty"),
+        ({"system_prompt": "Be brief."}, "give prompt (your message) or messages (a conversation): both are empty; "
+                                         "system_prompt alone is not a message"),
         ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]},
          "messages replaces prompt and system_prompt, which must then be empty; prompt was given too"),
         ({"system_prompt": "S", "messages": [{"role": "user", "content": "Hi"}]},
@@ -32,6 +33,11 @@ def test_messages_are_the_conversation_as_given():
         ({"prompt": "Hi", "system_prompt": "S", "messages": [{"role": "user", "content": "Hi"}]},
          "messages replaces prompt and system_prompt, which must then be empty; prompt and system_prompt were given too"),
         ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt holds 524,289 characters; at most 524,288 can fit"),
+        # Within the characters, too many bytes for any tokens to hold (2 million tokens, 2 s of tokenizing).
+        ({"prompt": "\N{GRINNING FACE}" * 400_000},
+         "prompt holds 1,600,000 bytes of UTF-8; at most 1,572,864 can fit the 32,768-token context"),
+        ({"prompt": "x" * 300_000, "system_prompt": "y" * 300_000},
+         "prompt + system_prompt holds 600,000 characters; at most 524,288 can fit"),
     ],
 )
 def test_prompt_or_messages_not_both_nor_neither(inputs, error):
@@ -69,6 +75,8 @@ ASSISTANT = {"role": "assistant", "content": "Hello!"}
          "messages must end with a user message, the one the reply answers: messages[0] is 'system'"),
         ([{"role": "user", "content": "x" * (MAX_PROMPT_CHARS // 2 + 1)}, ASSISTANT,
           {"role": "user", "content": "x" * (MAX_PROMPT_CHARS // 2)}], "messages holds 524,295 characters; at most 524,288"),
+        ([{"role": "user", "content": "\N{GRINNING FACE}" * 200_000}, ASSISTANT,
+          {"role": "user", "content": "\N{GRINNING FACE}" * 200_000}], "messages holds 1,600,006 bytes of UTF-8; at most 1,572,864"),
         ([USER, ASSISTANT] * 4097, "messages holds 8,194 messages; at most 8,192 fit the 32,768-token context"),
     ],
 )

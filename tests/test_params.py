@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from aio import flattened, text
 from notus.engine import GenerationStats
 from notus.params import (
     CONTEXT_LENGTH,
+    LONGEST_PIECE_BYTES,
     LONGEST_PIECE_CHARS,
+    MAX_PROMPT_BYTES,
     MAX_PROMPT_CHARS,
     VOCAB_SIZE,
     SamplingParams,
@@ -31,6 +34,15 @@ def test_limits_are_notus_own(engine):
     longest = max(len(b.decode("utf-8", errors="replace")) for b in TokenBytes(engine.tokenizer).table)
     assert longest == LONGEST_PIECE_CHARS
     assert MAX_PROMPT_CHARS == CONTEXT_LENGTH * LONGEST_PIECE_CHARS
+    # Nor more than LONGEST_PIECE_BYTES of UTF-8 (its pieces as the normalised text spells them: a
+    # typed U+2581 is 3 bytes), so no prompt that fits the context is longer than MAX_PROMPT_BYTES.
+    tokenizer = engine.tokenizer
+    ordinary = [piece for piece, i in tokenizer.get_vocab().items()
+                if i not in tokenizer.get_added_tokens_decoder() and not re.fullmatch("<0x[0-9A-F]{2}>", piece)]
+    assert max(len(piece.encode()) for piece in ordinary) == LONGEST_PIECE_BYTES
+    assert MAX_PROMPT_BYTES == CONTEXT_LENGTH * LONGEST_PIECE_BYTES
+    # And the bound is met: 16 typed U+2581 are one token of 48 bytes.
+    assert len(engine.prompt.ids("", "\N{LOWER ONE EIGHTH BLOCK}" * 16 * 100)) < len(engine.prompt.ids("", "")) + 102
 
 
 def test_json_numbers_are_made_exact():

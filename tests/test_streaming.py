@@ -5,6 +5,8 @@ coglet upgrade breaks what it relies on, these tests fail.
 
 from __future__ import annotations
 
+import random
+import string
 import threading
 import time
 
@@ -12,6 +14,7 @@ import pytest
 import requests
 
 from cog_server import Server, Webhooks, admitted, at_once, sse_prediction
+from notus.params import MAX_PROMPT_CHARS
 from test_concurrency import CASES
 
 LONG = dict(max_tokens=3000, min_tokens=3000, temperature=0)  # seconds of generation on the CPU
@@ -29,6 +32,34 @@ def test_8_simultaneous_sse_streams_arrive_live_and_interleave(server):
         assert s["completed"][0] - arrived[0] > 0.3
     # Every stream had its first chunk before any stream had its last: they interleave.
     assert max(s["chunks"][0][0] for s in streams) < min(s["chunks"][-1][0] for s in streams)
+
+
+def test_a_stream_goes_on_while_the_longest_prompts_are_tokenized(server):
+    """The longest prompts the checks let through take the tokenizer 0.3 to 1.5 s each (text of
+    524,288 characters): on a worker thread, not on the event loop every reply streams from."""
+    rng = random.Random(0)
+    longest = "".join(rng.choice(string.ascii_letters + string.punctuation) for _ in range(MAX_PROMPT_CHARS))
+    streaming, window, bodies = threading.Event(), [], []
+
+    def send_longest():
+        streaming.wait(60)
+        window.append(time.monotonic())
+        bodies.extend(at_once(lambda _: server.predict(prompt=longest, max_tokens=1).json(), range(4)))
+        window.append(time.monotonic())
+
+    sender = threading.Thread(target=send_longest)
+    sender.start()
+    stream = sse_prediction(server, dict(prompt="Tell me about rivers.", max_tokens=1000, min_tokens=1000, seed=2),
+                            on_chunk=lambda count: count == 20 and streaming.set())
+    sender.join()
+    assert all(b["status"] == "failed" and "tokens in all" in b["error"] for b in bodies), bodies
+    start, end = window
+    arrived = [t for t, _ in stream["chunks"]]
+    assert arrived[-1] > end, "the stream ended before the longest prompts were refused: make it longer"
+    # The longest wait between two chunks while the 4 prompts were tokenized (each alone takes the
+    # event loop 0.3 s or more on the development CPU: the 4 in turn, 1.2 s or more).
+    during = [b - a for a, b in zip(arrived, arrived[1:]) if b > start and a < end]
+    assert during and max(during) < 0.25, (max(during), end - start)
 
 
 def test_output_webhooks_announce_the_reply_while_it_is_generated(server):
