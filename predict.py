@@ -9,8 +9,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Optional
 
 import cog
@@ -22,7 +20,7 @@ from notus.capacity import admitted_predictions
 from notus.checkpoint import check_checkpoint
 from notus.engine import Engine, GenerationStats
 from notus.loading import pick_device
-from notus.messages import Conversation, conversation
+from notus.messages import conversation
 from notus.params import (
     CONTEXT_LENGTH,
     DEFAULT_MAX_TOKENS,
@@ -163,18 +161,16 @@ class Predictor(BasePredictor):
             seed=seed,
         )
         turns = conversation(prompt, system_prompt, messages)
-        return coglet_stream.stream(self._reply(turns, params, stats))
+        # A cancel (or a client gone) arrives in the engine's stream as asyncio.CancelledError: it stops
+        # the request within a step, and the error goes on up to Cog. The metrics follow the last piece.
+        scope = self.scope  # this prediction's, found here on coglet's event loop, not on its other threads
+        return coglet_stream.stream(self.engine.stream_conversation(turns, params, stats),
+                                    then=lambda: _record(scope, stats))
 
-    async def _reply(self, turns: Conversation, params: SamplingParams, stats: GenerationStats) -> AsyncIterator[str]:
-        try:
-            # A cancel (or a client gone) arrives here as asyncio.CancelledError: leaving the loop stops
-            # the request in the engine within a step, and the error goes on up to Cog.
-            async with aclosing(self.engine.stream_conversation(turns, params, stats)) as pieces:
-                async for piece in pieces:
-                    yield piece
-        finally:
-            for name, value in stats.metrics().items():
-                self.record_metric(name, value)
+
+def _record(scope, stats: GenerationStats) -> None:
+    for name, value in stats.metrics().items():
+        scope.record_metric(name, value)
 
 
 def _log_to_stdout() -> None:

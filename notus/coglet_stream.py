@@ -34,7 +34,7 @@ import importlib.metadata
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from queue import SimpleQueue
 
@@ -136,9 +136,11 @@ def install() -> str:
 _warned = False
 
 
-def stream(pieces: AsyncIterator[str]) -> Iterator[str]:
+def stream(pieces: AsyncIterator[str], then: Callable[[], None] | None = None) -> Iterator[str]:
     """A generator of `pieces`, for coglet to iterate on the prediction's thread. Call it inside
-    `async def predict` (it takes that coroutine's loop and context) and return what it gives."""
+    `async def predict` (it takes that coroutine's loop and context) and return what it gives.
+    `then()` runs on that thread once the reply has ended (or stopped), after coglet has taken every
+    piece: what the prediction records there (its metrics) comes after its output, as callers read it."""
     global _warned
     cancel = _current_cancel.get()
     if cancel is None and not _warned:
@@ -146,13 +148,13 @@ def stream(pieces: AsyncIterator[str]) -> Iterator[str]:
         log.warning("this prediction was not submitted the way coglet %s does it: a cancel or a client gone "
                     "will not stop generation before the reply ends (notus/coglet_stream.py)", CHECKED_COGLET)
     cancel = cancel or _Cancel()
-    reader = _pull(pieces, asyncio.get_running_loop(), contextvars.copy_context(), cancel)
+    reader = _pull(pieces, asyncio.get_running_loop(), contextvars.copy_context(), cancel, then)
     cancel.reader = weakref.ref(reader)
     return reader
 
 
 def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: contextvars.Context,
-          cancel: _Cancel) -> Iterator[str]:
+          cancel: _Cancel, then: Callable[[], None] | None) -> Iterator[str]:
     if asyncio._get_running_loop() is loop:  # we wait for the loop: on its own thread, that is forever
         raise RuntimeError("iterate this generator on another thread than its event loop's, as coglet does")
     reader = threading.get_ident()  # coglet's thread for this prediction
@@ -178,6 +180,11 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
         cancel.cancel()
         if pumping is not None and threading.get_ident() == reader:  # not when the GC closes it on another thread:
             concurrent.futures.wait([pumping])  # the loop's or the engine's, which the pump waits for
+            if then is not None:
+                try:
+                    then()
+                except Exception:  # the reply's outcome (succeeded, failed, canceled) stands whatever then() does
+                    log.exception("what the prediction records after its reply failed")
 
 
 async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> None:

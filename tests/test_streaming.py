@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from cog_server import Server, Webhooks, admitted, at_once, sse_prediction
+from cog_server import Server, Webhooks, admitted, at_once, sse_events, sse_prediction
 from notus.params import MAX_PROMPT_CHARS
 from test_concurrency import CASES
 
@@ -60,6 +60,18 @@ def test_a_stream_goes_on_while_the_longest_prompts_are_tokenized(server):
     # event loop 0.3 s or more on the development CPU: the 4 in turn, 1.2 s or more).
     during = [b - a for a, b in zip(arrived, arrived[1:]) if b > start and a < end]
     assert during and max(during) < 0.25, (max(during), end - start)
+
+
+def test_an_sse_streams_metrics_come_after_its_last_output(server):
+    """A client may take the metrics as the reply's end: they follow its last piece (recorded on the
+    stream's own thread once coglet has taken every piece, not on the event loop while pieces wait)."""
+    for seed in range(6):
+        with requests.post(f"{server.url}/predictions", headers={"Accept": "text/event-stream"}, stream=True,
+                           timeout=60, json={"input": dict(prompt="Tell me a story.", max_tokens=12, seed=seed)}) as r:
+            events = [name for name, _ in sse_events(r)]
+        last_output = max(i for i, name in enumerate(events) if name == "output")
+        metrics = [i for i, name in enumerate(events) if name == "metric"]
+        assert metrics and min(metrics) > last_output, events
 
 
 def test_output_webhooks_announce_the_reply_while_it_is_generated(server):
