@@ -19,7 +19,8 @@ and tests/test_streaming.py fails.
 
 A cancel that lands while coglet is still handing the prediction over arrives another way: as an
 exception injected into the prediction's thread (`PyThreadState_SetAsyncExc`, worker_bridge.rs),
-raised at whatever line that thread runs next, after which coglet reports `canceled` and never
+raised at whatever line that thread runs next, after which coglet reports `canceled` (where it lands
+in coglet's wait for predict's result, because the exception says so: `_say_cancelled()`) and never
 cancels the future. It may land in the generator before its `try` or inside its `finally`, before
 the cancel there; so the `try` opens before the pump is submitted, and the pump (on the event loop,
 where no injected exception lands) stops at the next piece once the generator has ended or gone.
@@ -121,6 +122,7 @@ def _hooked_submit(coro, loop):
 def install() -> str:
     """Hooks coglet's submission of predictions (idempotent); returns a line for setup's log."""
     asyncio.run_coroutine_threadsafe = _hooked_submit
+    _say_cancelled()
     try:
         version = importlib.metadata.version("coglet")
     except importlib.metadata.PackageNotFoundError:
@@ -131,6 +133,21 @@ def install() -> str:
     return (f"coglet {version or 'not installed'}, not the {CHECKED_COGLET} that notus/coglet_stream.py was "
             "checked against: replies stream, but a cancel may not stop generation before the reply ends "
             "(the first prediction will say)")
+
+
+def _say_cancelled() -> None:
+    """A cancel that lands after coglet submitted predict but before its slot holds the future is
+    injected into the prediction's thread, there waiting for predict's result(): coglet reports
+    `canceled` only when that error's text holds "cancelled" (worker_bridge.rs), and the exception
+    has no text, so the prediction came back `failed` ("Async prediction failed:
+    CancelationException: ", 1 of 150 cancels in tests/test_concurrency.py's soak). Now it says so.
+    Landing earlier, in the submission itself, coglet reports `failed` whatever the text ("Failed to
+    submit coroutine: CancelationException: the prediction was cancelled": docs/coglet.md)."""
+    try:
+        from coglet import CancelationException
+    except ImportError:  # another runtime: nothing to say
+        return
+    CancelationException.__str__ = lambda self: "the prediction was cancelled"
 
 
 _warned = False

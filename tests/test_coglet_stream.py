@@ -296,3 +296,20 @@ def test_a_pump_whose_reader_has_already_gone_does_not_start_the_source(coglet, 
     gate.set()
     time.sleep(0.2)
     assert not source.started.is_set(), "the engine's request started for a reader already gone"
+
+
+def test_a_cancel_injected_while_coglet_waits_for_predicts_result_reads_as_a_cancel():
+    """coglet 0.23.1 (worker_bridge.rs) reports an async prediction whose future's result() raised as
+    `canceled` only when the error's text, as Rust's PyErr prints it, holds "cancelled" or
+    "CancelledError"; a cancel it injects there (before its slot holds the future) said neither, so
+    the prediction came back `failed`."""
+    import coglet
+
+    def coglet_reports(error: BaseException) -> str:  # worker_bridge.rs, the async predict's Err arm
+        text = f"{type(error).__qualname__}: {error}"
+        return "canceled" if "CancelledError" in text or "cancelled" in text else f"failed: Async prediction failed: {text}"
+
+    coglet_stream.install()
+    assert coglet_reports(coglet.CancelationException()) == "canceled"
+    assert coglet_reports(asyncio.CancelledError()) == "canceled"
+    assert coglet_reports(ValueError("bad")) == "failed: Async prediction failed: ValueError: bad"
