@@ -5,8 +5,8 @@ it runs a sync `def predict` one prediction at a time. What streams (SSE, output
 concurrent is an `async def predict` that *returns* a plain generator: coglet iterates it on the
 prediction's own thread and sends each item as it comes. `stream()` makes that generator from the
 engine's async one: each next() pulls one piece on coglet's event loop, in the prediction's
-context (so its logs and metrics land in that prediction), and nothing is generated before coglet
-asks for the first piece or after it stops asking.
+context (so its logs land in that prediction), and nothing is generated before coglet asks for the
+first piece or after it stops asking.
 
 coglet cancels (API cancel, SSE client gone) by cancelling the future of the coroutine it
 submitted, long finished by then. `install()` hooks that future so its cancel also reaches the
@@ -156,8 +156,9 @@ _warned = False
 def stream(pieces: AsyncIterator[str], then: Callable[[], None] | None = None) -> Iterator[str]:
     """A generator of `pieces`, for coglet to iterate on the prediction's thread. Call it inside
     `async def predict` (it takes that coroutine's loop and context) and return what it gives.
-    `then()` runs on that thread once the reply has ended (or stopped), after coglet has taken every
-    piece: what the prediction records there (its metrics) comes after its output, as callers read it."""
+    `then()` runs on that thread once a reply that began has ended (or stopped), after coglet has
+    taken every piece: what the prediction records there (its metrics) comes after its output, as
+    callers read it. It does not run for a reply cancelled before it began (nothing to record)."""
     global _warned
     cancel = _current_cancel.get()
     if cancel is None and not _warned:
@@ -197,17 +198,20 @@ def _pull(pieces: AsyncIterator[str], loop: asyncio.AbstractEventLoop, context: 
         cancel.cancel()
         if pumping is not None and threading.get_ident() == reader:  # not when the GC closes it on another thread:
             concurrent.futures.wait([pumping])  # the loop's or the engine's, which the pump waits for
-            if then is not None:
+            if then is not None and not pumping.cancelled() and pumping.result():  # the pump began the reply
                 try:
                     then()
-                except Exception:  # the reply's outcome (succeeded, failed, canceled) stands whatever then() does
+                except Exception:  # logged: an error in what is recorded does not fail the reply
                     log.exception("what the prediction records after its reply failed")
 
 
-async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> None:
+async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel) -> bool:
+    """Hands `pieces` to the reader's queue; True once it began them (the engine's request started)."""
+    began = False
     try:
         if not cancel.start_pumping() or cancel.reader_gone():  # gone already: never start the engine's request
             raise asyncio.CancelledError()
+        began = True
         async with aclosing(pieces):
             async for piece in pieces:
                 if cancel.reader_gone():  # coglet ended the prediction and our finally did not run (below)
@@ -218,3 +222,4 @@ async def _pump(pieces: AsyncIterator[str], queue: SimpleQueue, cancel: _Cancel)
         queue.put(_Raised(error))
     finally:
         cancel.stop_pumping()
+    return began

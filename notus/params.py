@@ -17,8 +17,9 @@ VOCAB_SIZE = 32000
 # longer than this: a prompt beyond it can only fail, and is refused before it is tokenized.
 LONGEST_PIECE_CHARS = 16
 MAX_PROMPT_CHARS = CONTEXT_LENGTH * LONGEST_PIECE_CHARS
-# And no piece stands for more than 48 bytes of UTF-8 (16 literal U+2581 `▁`, 3 bytes each): a prompt
-# of emoji within MAX_PROMPT_CHARS (2 MB, 2 million tokens, 2 s of tokenizing) is refused untokenized too.
+# And no piece stands for more than 48 bytes of UTF-8 (16 typed U+2581 `▁`, 3 bytes each): a prompt of
+# characters outside the vocabulary within MAX_PROMPT_CHARS (4 bytes, so 4 byte tokens each: 2 million
+# tokens, 1.7 s of tokenizing) is refused untokenized too.
 LONGEST_PIECE_BYTES = 48
 MAX_PROMPT_BYTES = CONTEXT_LENGTH * LONGEST_PIECE_BYTES
 # Stop sequences are short markers ("\n\nUser:"); matching cost grows with their length.

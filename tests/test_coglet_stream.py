@@ -298,18 +298,54 @@ def test_a_pump_whose_reader_has_already_gone_does_not_start_the_source(coglet, 
     assert not source.started.is_set(), "the engine's request started for a reader already gone"
 
 
-def test_a_cancel_injected_while_coglet_waits_for_predicts_result_reads_as_a_cancel():
-    """coglet 0.23.1 (worker_bridge.rs) reports an async prediction whose future's result() raised as
-    `canceled` only when the error's text, as Rust's PyErr prints it, holds "cancelled" or
-    "CancelledError"; a cancel it injects there (before its slot holds the future) said neither, so
-    the prediction came back `failed`."""
-    import coglet
+def test_a_cancel_injected_while_coglet_waits_for_predicts_result_reads_as_a_cancel(coglet):
+    """coglet 0.23.1 (worker_bridge.rs, the async predict's `future.result()` error arm) reports
+    `canceled` only when the error's text holds "cancelled" or "CancelledError"; the cancel it
+    injects there had no text, so the prediction came back `failed`."""
+    import coglet as real_coglet
 
-    def coglet_reports(error: BaseException) -> str:  # worker_bridge.rs, the async predict's Err arm
-        text = f"{type(error).__qualname__}: {error}"
-        return "canceled" if "CancelledError" in text or "cancelled" in text else f"failed: Async prediction failed: {text}"
+    assert "cancelled" in str(real_coglet.CancelationException())
 
-    coglet_stream.install()
-    assert coglet_reports(coglet.CancelationException()) == "canceled"
-    assert coglet_reports(asyncio.CancelledError()) == "canceled"
-    assert coglet_reports(ValueError("bad")) == "failed: Async prediction failed: ValueError: bad"
+
+def predict_then(source: Source, then):
+    """predict.py's shape with its metrics: `then` records, on coglet's thread, after the reply."""
+    async def predict():
+        return coglet_stream.stream(source.pieces(), then=then)
+    return predict()
+
+
+@pytest.mark.parametrize("ending", ["to its end", "an engine error", "a cancel mid-stream"])
+def test_what_a_prediction_records_comes_after_every_piece_whatever_ends_it(coglet, ending):
+    source = Source(pieces=5 if ending != "a cancel mid-stream" else 1000, every=0.01,
+                    fail_at=3 if ending == "an engine error" else None)
+    taken, recorded = [], []
+    future = coglet.submit(predict_then(source, lambda: recorded.append((list(taken), source.closed.is_set()))))
+    generator = future.result(5)
+    try:
+        for piece in generator:
+            taken.append(piece)
+            if ending == "a cancel mid-stream" and len(taken) == 3:
+                future.cancel()
+    except (ValueError, asyncio.CancelledError):
+        assert ending != "to its end"
+    # Once, on coglet's thread, after every piece coglet took and after the engine's request ended.
+    assert recorded == [(taken, True)] and len(taken) == {"to its end": 5, "an engine error": 3,
+                                                         "a cancel mid-stream": 3}[ending]
+
+
+def test_nothing_is_recorded_for_a_reply_cancelled_before_it_began(coglet):
+    source, recorded = Source(), []
+    future = coglet.submit(predict_then(source, lambda: recorded.append("metrics")))
+    generator = future.result(5)
+    future.cancel()  # before coglet asks for the first piece: the engine's request never starts
+    with pytest.raises(asyncio.CancelledError):
+        next(generator)
+    assert recorded == [] and not source.started.is_set()
+
+
+def test_a_failure_to_record_leaves_the_reply_as_it_was(coglet, caplog):
+    def fail():
+        raise RuntimeError("no scope")
+
+    assert list(coglet.submit(predict_then(Source(pieces=3), fail)).result(5)) == ["0 ", "1 ", "2 "]
+    assert "what the prediction records after its reply failed" in caplog.text

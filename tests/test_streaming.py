@@ -56,18 +56,20 @@ def test_a_stream_goes_on_while_the_longest_prompts_are_tokenized(server):
     start, end = window
     arrived = [t for t, _ in stream["chunks"]]
     assert arrived[-1] > end, "the stream ended before the longest prompts were refused: make it longer"
-    # The longest wait between two chunks while the 4 prompts were tokenized (each alone takes the
-    # event loop 0.3 s or more on the development CPU: the 4 in turn, 1.2 s or more).
+    # The longest wait between two chunks while the 4 prompts were tokenized: 0.09 to 0.2 s on the
+    # development CPU; tokenized on the event loop, or holding the GIL, 1.2 s and more.
     during = [b - a for a, b in zip(arrived, arrived[1:]) if b > start and a < end]
-    assert during and max(during) < 0.25, (max(during), end - start)
+    assert during and max(during) < 0.5, (max(during), end - start)
 
 
 def test_an_sse_streams_metrics_come_after_its_last_output(server):
     """A client may take the metrics as the reply's end: they follow its last piece (recorded on the
     stream's own thread once coglet has taken every piece, not on the event loop while pieces wait)."""
     for seed in range(6):
-        with requests.post(f"{server.url}/predictions", headers={"Accept": "text/event-stream"}, stream=True,
-                           timeout=60, json={"input": dict(prompt="Tell me a story.", max_tokens=12, seed=seed)}) as r:
+        with admitted(lambda: requests.post(f"{server.url}/predictions", headers={"Accept": "text/event-stream"},
+                                            stream=True, timeout=60,
+                                            json={"input": dict(prompt="Tell me a story.", max_tokens=12, seed=seed)})) as r:
+            assert r.status_code == 200, r.text
             events = [name for name, _ in sse_events(r)]
         last_output = max(i for i, name in enumerate(events) if name == "output")
         metrics = [i for i, name in enumerate(events) if name == "metric"]
