@@ -25,10 +25,11 @@ def conversation(prompt: str = "", system_prompt: str = "", messages: list | Non
     if not prompt:
         alone = "; system_prompt alone is not a message" if system_prompt else ""
         raise ValueError(f"give prompt (your message) or messages (a conversation): both are empty{alone}")
-    for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
-        _check_length(name, len(text), _utf8_bytes(text))
-    _check_length("prompt + system_prompt", len(prompt) + len(system_prompt),
-                  _utf8_bytes(prompt) + _utf8_bytes(system_prompt))
+    lengths = {name: (len(text), _utf8_bytes(text))  # each text encoded once: up to 2 MB
+               for name, text in (("prompt", prompt), ("system_prompt", system_prompt))}
+    for name, (chars, size) in lengths.items():
+        _check_length(name, chars, size)
+    _check_length("prompt + system_prompt", *(sum(both) for both in zip(*lengths.values())))
     return [("system", system_prompt), ("user", prompt)]
 
 

@@ -33,7 +33,7 @@ def test_messages_are_the_conversation_as_given():
         ({"prompt": "Hi", "system_prompt": "S", "messages": [{"role": "user", "content": "Hi"}]},
          "messages replaces prompt and system_prompt, which must then be empty; prompt and system_prompt were given too"),
         ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt holds 524,289 characters; at most 524,288 can fit"),
-        # Within the characters, too many bytes for any tokens to hold (2 million tokens, 2 s of tokenizing).
+        # Within the characters, more bytes than tokens that fit the context can hold (refused untokenized).
         ({"prompt": "\N{GRINNING FACE}" * 400_000},
          "prompt holds 1,600,000 bytes of UTF-8; at most 1,572,864 can fit the 32,768-token context"),
         ({"prompt": "x" * 300_000, "system_prompt": "y" * 300_000},

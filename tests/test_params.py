@@ -37,8 +37,9 @@ def test_limits_are_notus_own(engine):
     # Nor more than LONGEST_PIECE_BYTES of UTF-8 (its pieces as the normalised text spells them: a
     # typed U+2581 is 3 bytes), so no prompt that fits the context is longer than MAX_PROMPT_BYTES.
     tokenizer = engine.tokenizer
+    control = tokenizer.get_added_tokens_decoder()
     ordinary = [piece for piece, i in tokenizer.get_vocab().items()
-                if i not in tokenizer.get_added_tokens_decoder() and not re.fullmatch("<0x[0-9A-F]{2}>", piece)]
+                if i not in control and not re.fullmatch("<0x[0-9A-F]{2}>", piece)]
     assert max(len(piece.encode()) for piece in ordinary) == LONGEST_PIECE_BYTES
     assert MAX_PROMPT_BYTES == CONTEXT_LENGTH * LONGEST_PIECE_BYTES
     # And the bound is met: 16 typed U+2581 are one token of 48 bytes.
