@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -245,14 +246,27 @@ def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
 
 
 def run_facts(device: str) -> dict:
-    """What every result file records of its run: the device, the versions, the machine, the command."""
+    """What every result file records of its run: the device, the host's CPU, the versions, the
+    machine, the command."""
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_description(),
+        "host_cpu": cpu_description(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.node(),
         "command": " ".join(["python", f"scripts/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
     }
+
+
+def cpu_description() -> str:
+    """The host CPU as figures depend on it: its model, the vector kernels torch picks on it, its
+    cores (the development machine's CPU changes from day to day: AVX2 on some, AVX-512 on others)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()} kernels, {os.cpu_count()} cores"
 
 
 def write_report(out: Path, name: str, report: dict) -> Path:

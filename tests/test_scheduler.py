@@ -313,6 +313,8 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
     (result_file,) = tmp_path.glob("decode-cpu-*.json")
     report = json.loads(result_file.read_text())
     assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
+    # Which CPU ran it, and with which of torch's vector kernels: figures differ between AVX2 and AVX-512.
+    assert report["device"] == report["host_cpu"] and torch.backends.cpu.get_cpu_capability() in report["host_cpu"]
     assert [row["prompt_tokens"] for row in report["results"]] == [16, 64]
     assert report["decode_step_ops"]["per_layer"] > 0 and report["decode_step_ops"]["outside"] > 0
     assert report["kv_cache_reuse"] is False  # repeated prompts are prefilled again, as the baseline does
