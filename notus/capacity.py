@@ -9,7 +9,8 @@ prediction a KV-cache slot, so all of them decode in the same step. A slot holds
 The default, worked out for the A40 (48 GB) Replicate runs this on:
   46,068 MiB (what CUDA reports) - 0.5 GiB CUDA context - 13.5 GiB of bf16 weights
   - RESERVE (4 GiB: a 2,048-token prefill chunk's activations, the CUDA graphs, allocator slack)
-  = about 27 GiB: room for 54 slots, one of them the cache's scratch slot (notus/forward.py): 53.
+  = 26.9995 GiB (the weights are 13.49 GiB): room for 53 slots, one of them the cache's scratch slot
+  (notus/forward.py): 52.
 N = 32 of them (16.5 GiB with the scratch slot): more streams add aggregate throughput but each step
 also reads every stream's cache, so each stream slows down; at 32 streams of 1,000 tokens an A40 step reads about
 18.8 GB (14.5 weights + 4.3 cache) against 14.5 for one stream, each stream keeping ~3/4 of its

@@ -51,7 +51,7 @@ class GenerationStats:
     output_token_count: int = 0
     time_to_first_token: float | None = None  # from the call, waiting for a slot included
     tokens_per_second: float | None = None
-    time_in_queue: float | None = None  # waiting for a free KV-cache slot (0 when one was free)
+    time_in_queue: float | None = None  # waiting for a free KV-cache slot (near 0 when one was free)
     _start: float = field(default_factory=time.perf_counter, repr=False)
     _first: float | None = field(default=None, repr=False)
 

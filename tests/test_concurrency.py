@@ -91,6 +91,29 @@ def test_cancelling_one_of_8_leaves_the_other_7_unchanged(server):
     assert ["".join(bodies[i]["output"]) for i in others] == [alone[i] for i in others]
 
 
+def test_a_33rd_prediction_while_32_run_is_refused_409_and_the_server_recovers(server):
+    """The README's capacity: 32 at once (sync, SSE and async alike), a 33rd answered `409 At capacity`
+    as Cog does; and `GET /predictions/<id>` is 405 (docs/coglet.md), async results come by webhook."""
+    ids = [f"capacity-{i}" for i in range(32)]
+    long = dict(prompt="Tell me a long story.", max_tokens=20_000, min_tokens=20_000, seed=1)
+    try:
+        for prediction_id in ids:
+            response = requests.put(f"{server.url}/predictions/{prediction_id}", headers={"Prefer": "respond-async"},
+                                    json={"input": long}, timeout=10)
+            assert response.status_code == 202, response.text
+        assert server.health()["status"] == "BUSY"
+        for refused in (server.predict(prompt="Hi", max_tokens=3),
+                        requests.put(f"{server.url}/predictions/capacity-33", headers={"Prefer": "respond-async"},
+                                     json={"input": dict(prompt="Hi", max_tokens=3)}, timeout=10)):
+            assert refused.status_code == 409 and refused.json().get("error") == AT_CAPACITY, refused.text
+        assert requests.get(f"{server.url}/predictions/{ids[0]}", timeout=10).status_code == 405
+    finally:
+        for prediction_id in ids:
+            requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10)
+    assert server.wait_ready(timeout=60)["status"] == "READY"
+    assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
+
+
 def test_back_to_back_sequential_predictions_never_meet_409(server):
     codes = [requests.post(f"{server.url}/predictions", json={"input": {"prompt": "Hi", "max_tokens": 2}},
                            timeout=60).status_code for _ in range(100)]

@@ -106,6 +106,14 @@ def test_metrics(engine):
     assert metrics["tokens_per_second"] > 0
 
 
+def test_a_one_token_reply_reports_that_token_over_its_time_to_first_token(engine):
+    """No decode speed after the first token exists: the README's tokens_per_second for that case."""
+    _, stats = reply(engine, seed=1, max_tokens=1)
+    metrics = stats.metrics()
+    assert metrics["output_token_count"] == 1
+    assert metrics["tokens_per_second"] == pytest.approx(1 / metrics["time_to_first_token"])
+
+
 class ForwardCounter:
     """Counts the engine's forward passes (prefill chunks and decode steps) and the threads they ran on."""
 

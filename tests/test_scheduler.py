@@ -133,13 +133,18 @@ SAMPLED = [
 ]
 
 
-def test_a_seed_gives_the_same_reply_alone_and_beside_7_others(engine):
-    cases = [(long_prompt(engine, 10 + 37 * i), dict(max_tokens=40, **settings), 100 + i)
-             for i, settings in enumerate(SAMPLED)]
-    alone = [engine_ids(engine, ids, seed, **params) for ids, params, seed in cases]
-    assert concurrently(lambda case: ids_of(engine, case[0], case[2], **case[1]), cases) == alone
-    assert len({tuple(ids) for ids in alone}) == len(alone)
-    assert engine_ids(engine, cases[0][0], 7, **cases[0][1]) != alone[0]  # and the seed matters
+def test_a_seed_gives_the_same_reply_alone_and_beside_31_others(engine):
+    """As many requests as the image admits (32), every sampling setting, each in the same steps."""
+    many = Engine(engine.model, engine.prompt, slots=32)
+    try:
+        cases = [(long_prompt(engine, 10 + 37 * i), dict(max_tokens=40, **SAMPLED[i % len(SAMPLED)]), 100 + i)
+                 for i in range(32)]
+        alone = [engine_ids(many, ids, seed, **params) for ids, params, seed in cases]
+        assert concurrently(lambda case: ids_of(many, case[0], case[2], **case[1]), cases) == alone
+        assert len({tuple(ids) for ids in alone}) == len(alone)
+        assert engine_ids(many, cases[0][0], 7, **cases[0][1]) != alone[0]  # and the seed matters
+    finally:
+        many.scheduler.close()
 
 
 def test_the_gpu_step_shapes_give_the_same_tokens_as_the_cpu_shortcuts(engine):

@@ -145,6 +145,7 @@ def test_the_image_admits_the_default_concurrency_and_it_fits_an_a40():
     assert 14.4e9 < weights < 14.6e9
     fit = budget_from_free(A40_MEMORY - CUDA_CONTEXT - weights) // per_slot - 1  # less the scratch slot
     assert DEFAULT_CONCURRENCY <= fit < 2 * DEFAULT_CONCURRENCY  # fits, without leaving most of the card idle
+    assert fit == 52  # the figure notus/capacity.py and docs/serving.md give
     result = subprocess.run([sys.executable, "-m", "notus.schema", "--concurrency"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == str(DEFAULT_CONCURRENCY)  # what scripts/serve exports

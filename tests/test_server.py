@@ -163,6 +163,7 @@ def test_sse_streams_each_chunk(server):
         ({"seed": -10**20}, "seed"),
         ({"seed": -1}, "seed"),
         ({"seed": MAX_SEED + 1}, "seed"),
+        ({"seed": None}, "seed"),  # null, although the schema says nullable: coglet's (docs/coglet.md)
         ({"messages": "Hi"}, "messages"),
         ({"messages": {"role": "user", "content": "Hi"}}, "messages"),
         ({"messages": [1]}, "messages/0"),  # each message must be an object: the schema says so
