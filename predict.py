@@ -61,6 +61,13 @@ class Predictor(BasePredictor):
         # a moment's pause keeps these last lines in them (seen missing without it).
         time.sleep(0.3)
 
+    def healthcheck(self) -> bool:
+        """False once the engine thread has stopped (an internal error it could not recover from, such
+        as a broken GPU): Cog's /health-check then answers UNHEALTHY, so the deployment restarts this
+        instance instead of failing every prediction sent to it."""
+        engine = getattr(self, "engine", None)
+        return engine is None or engine.scheduler.alive
+
     # Both read from this source by `cog build`: the literal max becomes the image's COG_MAX_CONCURRENCY
     # (why 32: notus/capacity.py); without @cog.streaming the built image refuses SSE (406).
     # A coroutine that returns a plain generator: the one shape coglet 0.23.1 both streams and runs

@@ -53,17 +53,17 @@ class GenerationStats:
     tokens_per_second: float | None = None
     time_in_queue: float | None = None  # waiting for a free KV-cache slot (near 0 when one was free)
     _start: float = field(default_factory=time.perf_counter, repr=False)
-    _first: float | None = field(default=None, repr=False)
 
     def token_arrived(self) -> None:
-        now = time.perf_counter()
         self.output_token_count += 1
-        if self._first is None:
-            self._first = now
-            self.time_to_first_token = now - self._start
-        # Decode speed: tokens after the first over the time since the first.
-        elif now > self._first:
-            self.tokens_per_second = (self.output_token_count - 1) / (now - self._first)
+        if self.time_to_first_token is None:
+            self.time_to_first_token = time.perf_counter() - self._start
+
+    def decoded(self, tokens: int, first_at: float | None, last_at: float | None) -> None:
+        """Decode speed: the tokens after the first over the time from the first to the last, as the
+        engine handed them out (a consumer that lags reads several at once)."""
+        if tokens > 1 and first_at is not None and last_at is not None and last_at > first_at:
+            self.tokens_per_second = (tokens - 1) / (last_at - first_at)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {
@@ -104,8 +104,7 @@ class Engine:
                                    send_wakeups=self.wakeups.send)
 
     @classmethod
-    def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS,
-             cuda_graphs: bool | None = None) -> "Engine":
+    def load(cls, weights_dir: str | Path, device: str | None = None, admitted: int = DEFAULT_SLOTS) -> "Engine":
         """Tokenizer and weights from `weights_dir` (bf16 on the GPU, float32 on the CPU), and a
         KV-cache slot for each of `admitted` predictions at once, as many as fit (notus/capacity.py)."""
         weights_dir = Path(weights_dir)
@@ -118,7 +117,7 @@ class Engine:
             layer_weights(layer)
         per_slot = KVCache.bytes_per_slot(model.config, model.dtype)
         slots = plan_slots(admitted, per_slot, kv_budget_bytes(model.device))
-        return cls(model, prompt, slots=slots, cuda_graphs=cuda_graphs)
+        return cls(model, prompt, slots=slots)
 
     def warm_up(self) -> None:
         """Captures every decode graph and runs every path once, so the first request is as fast as the tenth."""
@@ -258,3 +257,5 @@ class Engine:
             while not request.done.is_set():  # its slot free again, its work on the GPU stopped
                 arrived.clear()
                 await arrived.wait()
+            if stats is not None:
+                stats.decoded(request.delivered, request.first_token_at, request.last_token_at)

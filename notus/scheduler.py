@@ -54,7 +54,7 @@ PASSED_TURNS = 2  # turns a prefilling request may be left out before it goes fi
 LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # a graph's attention reads the bucket, not the window
 
 
-@dataclass
+@dataclass(eq=False)  # each request is itself: `in` and remove() must not compare prompts
 class Request:
     """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed.
 
@@ -81,6 +81,10 @@ class Request:
     sampled: int = 0  # tokens sampled (some maybe not read yet)
     delivered: int = 0
     last_token: int | None = None  # the last one delivered
+    # perf_counter() when the first and the latest tokens were handed out: the decode speed, as the
+    # engine made the tokens (a consumer may read several at once, late).
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 @dataclass
@@ -95,7 +99,7 @@ class _Read:
 class Scheduler:
     def __init__(self, model, eos_id: int, slots: int, cuda_graphs: bool | None = None, reuse: bool = True,
                  pack: bool = True, send_wakeups: Callable[[], None] = lambda: None):
-        self.model, self.eos_id, self.slots = model, eos_id, slots
+        self.eos_id, self.slots = eos_id, slots
         # Sends the wake-ups requests' wake() noted (notus/wakeups.py): after stopped requests are
         # dropped (their consumers wait for it), and at the end of each turn.
         self.send_wakeups = send_wakeups
@@ -126,7 +130,7 @@ class Scheduler:
         if self.forward.varlen is not None:
             self.length_buckets = [self.window]
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # Each graph's logits, kept so a test can compare a replay with the eager step (28 MB: 32 slots, bf16).
+        # Each graph's logits, kept so a test can compare a replay with the eager step (2 MB each: 32 rows, bf16).
         self.graph_logits: dict[tuple[int, int], torch.Tensor] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Request] = deque()
@@ -134,6 +138,9 @@ class Scheduler:
         self._decoding: list[Request] = []
         self._free = list(range(slots))
         self._reads: deque[_Read] = deque()
+        # Set once the engine thread has ended (closed, or failed itself): what submit() answers then.
+        self._stopped: str | None = None
+        self._stopping = threading.Lock()  # a request submitted as the thread ends is ended, not lost
         self.kv_entries = {"read": 0, "live": 0, "steps": 0}  # decode attention's ring entries, summed (_count_kv)
         self._thread = threading.Thread(target=self._serve, name="notus-engine", daemon=True)
         self._thread.start()
@@ -141,14 +148,28 @@ class Scheduler:
     # --- the consumers' side ---
 
     def submit(self, request: Request) -> Request:
-        self._inbox.put(request)
-        return request
+        """Queues `request`. Once the engine thread has ended, raises RuntimeError with the reason
+        (the request is then done: its consumer has nothing to wait for)."""
+        with self._stopping:
+            if self._stopped is None:
+                self._inbox.put(request)
+                return request
+        _end_unserved(request, self._stopped, wake=False)
+        raise RuntimeError(self._stopped)
 
     def call(self, fn: Callable[[], object]) -> object:
         """Runs `fn` on the engine thread (where the CUDA graphs live) between turns; its result."""
         future: Future = Future()
-        self._inbox.put((fn, future))
+        with self._stopping:
+            if self._stopped is not None:
+                raise RuntimeError(self._stopped)
+            self._inbox.put((fn, future))
         return future.result()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still serves requests (predict.py's healthcheck)."""
+        return self._stopped is None and self._thread.is_alive()
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -163,8 +184,9 @@ class Scheduler:
     # --- the engine thread ---
 
     def _serve(self) -> None:
-        with torch.inference_mode():
-            try:
+        stopped = "the engine is closed"
+        try:
+            with torch.inference_mode():
                 while self._take_new(block=not self._busy()):
                     try:
                         self._turn()
@@ -172,8 +194,27 @@ class Scheduler:
                         self._reads.clear()
                         self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
                     self.send_wakeups()
-            finally:  # closing, or this thread dying: whoever it already finished still hears of it
-                self.send_wakeups()
+        except BaseException as e:  # the thread itself fails (failing its requests failed too: a broken GPU)
+            log.critical("the engine thread stopped:\n%s", "".join(traceback.format_exception(e)))
+            stopped = f"the engine stopped after an internal error ({type(e).__name__}: {e}); the server must restart"
+        finally:  # no request may wait for a thread that is gone: every one left ends now
+            self._stop(stopped)
+
+    def _stop(self, reason: str) -> None:
+        """Ends every request and call() still waiting, host-side only (the device may be what failed)."""
+        with self._stopping:
+            self._stopped = reason
+            left = [*self._waiting, *self._prefilling, *self._decoding]
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if isinstance(item, tuple):
+                    item[1].set_exception(RuntimeError(reason))
+                elif item is not None:
+                    left.append(item)
+        for request in left:
+            if not request.done.is_set():
+                _end_unserved(request, reason)
+        self.send_wakeups()
 
     def _turn(self) -> None:
         self._drop_stopped()
@@ -467,10 +508,14 @@ class Scheduler:
             if read.ready is not None:
                 read.ready.synchronize()  # this step only, not the one queued after it
             values = read.values.tolist()
+            now = time.perf_counter()
             for request, row in read.rows:
                 if request.done.is_set():
                     continue  # finished or stopped while the step was in flight
                 token = values[row]
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                request.last_token_at = now
                 if self.prefixes is not None and request.delivered:  # this step fed the one before
                     self.prefixes.extend(request.slot, [request.last_token])
                 request.tokens.append(token)
@@ -523,3 +568,12 @@ class Scheduler:
                     self.graph_logits[batch, length] = self._step(batch, length)
                 self.graphs[batch, length] = graph
         torch.cuda.synchronize()
+
+
+def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
+    """Ends a request the engine thread will never serve: its consumer reads the reason as its error."""
+    request.error = RuntimeError(reason)
+    request.tokens.append(None)
+    request.done.set()
+    if wake:  # on the engine thread, sent with the others (a consumer that submits needs none)
+        request.wake()

@@ -270,3 +270,85 @@ def test_the_dtype_is_the_devices_unless_notus_dtype_says_otherwise(tiny_weights
     monkeypatch.setenv("NOTUS_DTYPE", "float16")
     with pytest.raises(ValueError, match="NOTUS_DTYPE must be one of bfloat16, float32, got 'float16'"):
         load_model(tiny_weights, "cpu")
+
+
+async def _read_until_broken(engine, break_engine) -> BaseException:
+    """Streams a long reply; after its first piece calls break_engine(); returns what the stream raised."""
+    params = SamplingParams(max_tokens=5000, min_tokens=5000, temperature=0)
+    try:
+        first = True
+        async for _ in engine.stream("", "Tell me a story.", params):
+            if first:
+                first = False
+                break_engine()
+    except Exception as e:  # noqa: BLE001 - what the caller (predict) would see
+        return e
+    raise AssertionError("the stream ended normally")
+
+
+def test_an_engine_thread_that_fails_ends_every_stream_and_reports_itself_unhealthy(engine, monkeypatch):
+    """A failure the engine thread cannot recover from (here failing the requests fails too, as a
+    broken GPU would) must not leave predictions waiting for ever: the one in flight fails naming
+    it, a new one fails at once, and the scheduler says it is no longer alive (predict.py's healthcheck)."""
+    from notus.engine import Engine
+    from predict import Predictor
+
+    broken = Engine(engine.model, engine.prompt, slots=2)
+
+    def device_lost(*args):
+        raise RuntimeError("device lost")
+
+    def break_engine():
+        monkeypatch.setattr(broken.scheduler, "_turn", device_lost)
+        monkeypatch.setattr(broken.scheduler, "_fail", device_lost)
+
+    predictor = Predictor()
+    predictor.engine = broken
+    assert predictor.healthcheck()
+    error = asyncio.run(asyncio.wait_for(_read_until_broken(broken, break_engine), timeout=30))
+    assert isinstance(error, RuntimeError) and "device lost" in str(error) and "restart" in str(error), error
+    assert not broken.scheduler.alive and not predictor.healthcheck()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="device lost"):
+        joined_text(broken.stream("", "Hi", SamplingParams(max_tokens=3)))
+    assert time.monotonic() - t0 < 1
+
+
+def test_closing_the_engine_ends_the_streams_in_flight(engine):
+    from notus.engine import Engine
+
+    closing = Engine(engine.model, engine.prompt, slots=2)
+    closer = threading.Thread(target=closing.scheduler.close)
+    error = asyncio.run(asyncio.wait_for(_read_until_broken(closing, closer.start), timeout=30))
+    closer.join(timeout=30)
+    assert isinstance(error, RuntimeError) and "closed" in str(error), error
+
+
+def test_tokens_per_second_is_the_engines_speed_even_when_the_reader_lags(engine, monkeypatch):
+    """The decode speed is timed where the engine makes the tokens: a reader whose event loop was
+    busy for a second reads 20 tokens at once, and must not report them as made in an instant."""
+    from notus.engine import Engine
+
+    slow = Engine(engine.model, engine.prompt, slots=2)
+    step = slow.scheduler._decode_step
+
+    def at_most_50_a_second():
+        launched = step()
+        time.sleep(0.02)
+        return launched
+
+    monkeypatch.setattr(slow.scheduler, "_decode_step", at_most_50_a_second)
+
+    async def lagging_reader(stats):
+        pieces = slow.stream("", "Hi", SamplingParams(max_tokens=20, min_tokens=20, temperature=0), stats)
+        first = await anext(pieces)
+        time.sleep(1.0)  # the loop busy elsewhere: the other 19 tokens wait, then come in one read
+        return [first] + [piece async for piece in pieces]
+
+    stats = GenerationStats()
+    try:
+        asyncio.run(lagging_reader(stats))
+    finally:
+        slow.scheduler.close()
+    assert stats.output_token_count == 20
+    assert 25 < stats.metrics()["tokens_per_second"] <= 50, stats.metrics()
