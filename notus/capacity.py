@@ -23,6 +23,7 @@ takes what fits and the other predictions wait in order for a free slot: slower,
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -52,9 +53,12 @@ def kv_budget_bytes(device: torch.device) -> int | None:
     value = os.environ.get(KV_BUDGET_ENV)
     if value:
         try:
-            return int(float(value) * 2**30)
+            gib = float(value)
         except ValueError:
-            raise ValueError(f"{KV_BUDGET_ENV}={value!r} is not a number of GiB") from None
+            gib = math.nan
+        if not 0 <= gib < 2**20:  # NaN and inf too
+            raise ValueError(f"{KV_BUDGET_ENV}={value!r} is not a number of GiB (0 to 1,048,576)")
+        return int(gib * 2**30)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return budget_from_free(free)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 
-MIN_REUSE = 32  # tokens: less is not worth a slot's held sequence (the chat template alone is ~7)
+MIN_REUSE = 32  # tokens: less is not worth a slot's held sequence (every prompt's first 16 are the template's)
 
 
 class PrefixCache:

@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-_NONE = object()
-
 
 def title_case(name: str) -> str:
     return " ".join(word.capitalize() for word in name.split("_"))

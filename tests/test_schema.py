@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, Server
-from notus.capacity import A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, budget_from_free, plan_slots
+from notus.capacity import (A40_MEMORY, CUDA_CONTEXT, DEFAULT_CONCURRENCY, KV_BUDGET_ENV, budget_from_free,
+                            kv_budget_bytes, plan_slots)
 from notus.forward import KVCache
 from notus.schema import declared_concurrency, declares_streaming
 
@@ -149,6 +150,15 @@ def test_the_image_admits_the_default_concurrency_and_it_fits_an_a40():
     result = subprocess.run([sys.executable, "-m", "notus.schema", "--concurrency"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == str(DEFAULT_CONCURRENCY)  # what scripts/serve exports
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "-1", "1e300"])
+def test_a_kv_cache_budget_that_is_no_size_fails_naming_the_variable(value, monkeypatch):
+    monkeypatch.setenv(KV_BUDGET_ENV, value)
+    with pytest.raises(ValueError, match=f"{KV_BUDGET_ENV}='{value}' is not a number of GiB"):
+        kv_budget_bytes(torch.device("cpu"))
+    monkeypatch.setenv(KV_BUDGET_ENV, "0.5")
+    assert kv_budget_bytes(torch.device("cpu")) == 2**29
 
 
 def test_the_slot_plan_counts_the_scratch_slot_the_cache_allocates():
