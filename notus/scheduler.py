@@ -31,6 +31,7 @@ A request that fails (out of memory in its prefill, say) fails alone; the others
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import queue
 import threading
@@ -545,7 +546,9 @@ class Scheduler:
         log.error("generation failed for %d request(s):\n%s", len(requests), "".join(traceback.format_exception(error)))
         error.__traceback__ = error.__context__ = error.__cause__ = None
         for request in requests:
-            request.error = error
+            # Each its own copy: a consumer's raise adds its frames to the object's traceback, which
+            # the other consumers' would then carry (and keep alive).
+            request.error = _own_copy(error)
             if self.prefixes is not None and request.slot is not None:
                 self.prefixes.forget(request.slot)  # what its work left in the slot is unknown
             self._finish(request)
@@ -577,3 +580,10 @@ def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
     request.done.set()
     if wake:  # on the engine thread, sent with the others (a consumer that submits needs none)
         request.wake()
+
+
+def _own_copy(error: Exception) -> Exception:
+    try:
+        return copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt from its args: share it
+        return error

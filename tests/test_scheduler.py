@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import weakref
 from contextlib import aclosing
 from pathlib import Path
@@ -223,6 +224,33 @@ def test_a_request_past_the_context_fails_alone_with_what_it_asked(engine):
     with pytest.raises(ValueError, match=f"10 prompt tokens and max_tokens {engine.context_length - 5} exceed"):
         asyncio.run(past_the_context())
     assert len(engine_ids(engine, long_prompt(engine, 30), max_tokens=5, min_tokens=5, **GREEDY)) == 5
+
+
+def test_requests_failed_by_one_error_each_raise_their_own(engine, monkeypatch):
+    """A decode step that fails fails every request in it with the same message; each consumer's
+    error is its own object, so no consumer's traceback (and the frames it keeps alive) piles onto
+    another's."""
+    step, broke = engine.scheduler._decode_step, []
+
+    def breaks_once():
+        if not broke and engine.scheduler._decoding:
+            broke.append(True)
+            raise RuntimeError("the step broke")
+        return step()
+
+    monkeypatch.setattr(engine.scheduler, "_decode_step", breaks_once)
+
+    async def failure(ids):
+        try:
+            await ids_of(engine, ids, max_tokens=50, min_tokens=50)
+        except RuntimeError as e:
+            return e
+        raise AssertionError("did not fail")
+
+    errors = concurrently(failure, [long_prompt(engine, 20 + i) for i in range(3)])
+    assert [str(e) for e in errors] == ["the step broke"] * 3
+    assert len({id(e) for e in errors}) == 3
+    assert len({len(traceback.extract_tb(e.__traceback__)) for e in errors}) == 1
 
 
 def test_a_failing_request_fails_alone_and_leaves_no_memory_behind(engine, monkeypatch):
