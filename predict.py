@@ -63,8 +63,8 @@ class Predictor(BasePredictor):
 
     def healthcheck(self) -> bool:
         """False once the engine thread has stopped (an internal error it could not recover from, such
-        as a broken GPU): Cog's /health-check then answers UNHEALTHY, so the deployment restarts this
-        instance instead of failing every prediction sent to it."""
+        as a broken GPU): Cog's /health-check then answers UNHEALTHY, not READY, while every prediction
+        sent here would fail."""
         engine = getattr(self, "engine", None)
         return engine is None or engine.scheduler.alive
 

@@ -152,8 +152,8 @@ class Forward:
 
         `lengths`: the ring entries attention reads, one bucket for every row (an int: the shape a
         CUDA graph needs, or the CPU's one masked call for rows of different lengths; every decoding
-        row's position below it, or past the window and it is the window), or each row's own (a list: its position + 1, at most the window; no mask needed,
-        and rows of one length attend in one call).
+        row's position below it, or past the window and it is the window), or each row's own (a list:
+        its position + 1, at most the window; no mask needed, and rows of one length attend in one call).
         With the variable-length kernel (`self.varlen`, the GPU) each row reads its own whatever it is:
         `used` [batch] (int32), its position + 1 up to the window, 1 for a row not decoding. Rows not
         decoding (a batch bucket's padding) compute too but write their K/V where `write_slots` [batch]
