@@ -229,7 +229,9 @@ def test_one_engine_turn_wakes_all_its_requests_on_a_loop_with_one_cross_thread_
 
     counts, calls = asyncio.run(eight_streams())
     assert counts == [16] * 8
-    assert calls <= min(len(sendings), 24), (calls, len(sendings))  # 17 seen; one per request: 128 or more
+    # At most one a sending (17 to 32 seen: more turns when the requests arrive over several of them),
+    # where one per request and token would be 128 or more.
+    assert calls <= len(sendings) and calls < 64, (calls, len(sendings))
 
 
 def test_require_weights_names_what_is_missing_and_the_fix(tmp_path, tiny_weights):
