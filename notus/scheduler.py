@@ -142,6 +142,7 @@ class Scheduler:
         # Set once the engine thread has ended (closed, or failed itself): what submit() answers then.
         self._stopped: str | None = None
         self._stopping = threading.Lock()  # a request submitted as the thread ends is ended, not lost
+        self._broken: Exception | None = None  # what a device write that frees a slot raised (_finish)
         self.kv_entries = {"read": 0, "live": 0, "steps": 0}  # decode attention's ring entries, summed (_count_kv)
         self._thread = threading.Thread(target=self._serve, name="notus-engine", daemon=True)
         self._thread.start()
@@ -173,6 +174,7 @@ class Scheduler:
         return self._stopped is None and self._thread.is_alive()
 
     def close(self) -> None:
+        """Stops the engine thread: the requests still in flight or queued end with "the engine is closed"."""
         self._inbox.put(None)
         self._thread.join()
 
@@ -195,7 +197,9 @@ class Scheduler:
                         self._reads.clear()
                         self._fail([*self._waiting, *self._prefilling, *self._decoding], e)
                     self.send_wakeups()
-        except BaseException as e:  # the thread itself fails (failing its requests failed too: a broken GPU)
+                    if self._broken is not None:  # the device refused to free a slot: nothing more will run
+                        raise self._broken
+        except BaseException as e:  # the thread itself fails: a broken device, or a bug outside a turn
             log.critical("the engine thread stopped:\n%s", "".join(traceback.format_exception(e)))
             stopped = f"the engine stopped after an internal error ({type(e).__name__}: {e}); the server must restart"
         finally:  # no request may wait for a thread that is gone: every one left ends now
@@ -528,14 +532,18 @@ class Scheduler:
                     request.wake()
 
     def _finish(self, request: Request) -> None:
-        """Ends a request wherever it is and frees its slot."""
+        """Ends a request wherever it is and frees its slot. Never raises: a device that refuses even
+        this write is broken (a sticky CUDA error), noted in `_broken` for the engine thread to stop on."""
         for line in (self._waiting, self._prefilling, self._decoding):
             if request in line:
                 line.remove(request)
         if request.slot is not None:
-            self._set_active(request.slot, False)
-            bisect.insort(self._free, request.slot)
-            request.slot = None
+            slot, request.slot = request.slot, None
+            bisect.insort(self._free, slot)
+            try:
+                self._set_active(slot, False)
+            except Exception as e:  # noqa: BLE001 - the request still ends; the engine stops after this turn
+                self._broken = self._broken or e
         request.tokens.append(None)
         request.done.set()
         request.wake()
@@ -583,7 +591,9 @@ def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
 
 
 def _own_copy(error: Exception) -> Exception:
+    """A copy of `error` saying the same, else `error` itself (a class that cannot be rebuilt from its args)."""
     try:
-        return copy.copy(error)
-    except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt from its args: share it
+        copied = copy.copy(error)
+    except Exception:  # noqa: BLE001
         return error
+    return copied if type(copied) is type(error) and str(copied) == str(error) else error

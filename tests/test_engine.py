@@ -274,46 +274,68 @@ def test_the_dtype_is_the_devices_unless_notus_dtype_says_otherwise(tiny_weights
         load_model(tiny_weights, "cpu")
 
 
-async def _read_until_broken(engine, break_engine) -> BaseException:
-    """Streams a long reply; after its first piece calls break_engine(); returns what the stream raised."""
-    params = SamplingParams(max_tokens=5000, min_tokens=5000, temperature=0)
-    try:
-        first = True
-        async for _ in engine.stream("", "Tell me a story.", params):
-            if first:
-                first = False
-                break_engine()
-    except Exception as e:  # noqa: BLE001 - what the caller (predict) would see
-        return e
-    raise AssertionError("the stream ended normally")
+def within(seconds: float, fn):
+    """fn()'s result, or a failure after `seconds`: a hung stream cannot be cancelled out of (its
+    cancel waits for the engine), so the deadline is a thread's join, not asyncio's."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"still waiting after {seconds} s"
+    return result[0]
 
 
-def test_an_engine_thread_that_fails_ends_every_stream_and_reports_itself_unhealthy(engine, monkeypatch):
-    """A failure the engine thread cannot recover from (here failing the requests fails too, as a
-    broken GPU would) must not leave predictions waiting for ever: the one in flight fails naming
-    it, a new one fails at once, and the scheduler says it is no longer alive (predict.py's healthcheck)."""
+def stream_error(engine, on_first_piece=lambda: None, prompt="Tell me a story.") -> Exception:
+    """What a long greedy stream raises (calling on_first_piece() once its first piece came)."""
+
+    async def read() -> Exception:
+        pieces = 0
+        try:
+            async for _ in engine.stream("", prompt, SamplingParams(max_tokens=5000, min_tokens=5000, temperature=0)):
+                pieces += 1
+                if pieces == 1:
+                    on_first_piece()
+        except Exception as e:  # noqa: BLE001 - what predict would see
+            return e
+        raise AssertionError("the stream ended normally")
+
+    return within(30, lambda: asyncio.run(read()))
+
+
+def break_the_device(scheduler, monkeypatch):
+    """What a sticky CUDA error does: every later operation on the device raises."""
+
+    def device_lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for owner, name in ((scheduler.forward, "prefill"), (scheduler.forward, "decode"), (scheduler, "_set_active")):
+        monkeypatch.setattr(owner, name, device_lost)
+
+
+@pytest.mark.parametrize("when", ["mid-stream", "before the request"])
+def test_a_broken_device_fails_every_request_at_once_and_reports_itself_unhealthy(engine, monkeypatch, when):
+    """No request may wait for ever on a device that fails: the one in flight (or the first one sent)
+    fails naming the error, the engine stops (predict.py's healthcheck turns false, Cog's
+    /health-check UNHEALTHY), and every later request fails at once naming it too."""
     from notus.engine import Engine
     from predict import Predictor
 
     broken = Engine(engine.model, engine.prompt, slots=2)
-
-    def device_lost(*args):
-        raise RuntimeError("device lost")
-
-    def break_engine():
-        monkeypatch.setattr(broken.scheduler, "_turn", device_lost)
-        monkeypatch.setattr(broken.scheduler, "_fail", device_lost)
-
     predictor = Predictor()
     predictor.engine = broken
     assert predictor.healthcheck()
-    error = asyncio.run(asyncio.wait_for(_read_until_broken(broken, break_engine), timeout=30))
-    assert isinstance(error, RuntimeError) and "device lost" in str(error) and "restart" in str(error), error
+    if when == "mid-stream":
+        error = stream_error(broken, lambda: break_the_device(broken.scheduler, monkeypatch))
+    else:
+        break_the_device(broken.scheduler, monkeypatch)
+        error = stream_error(broken)
+    assert "illegal memory access" in str(error), error
+    within(10, lambda: broken.scheduler._thread.join())
     assert not broken.scheduler.alive and not predictor.healthcheck()
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="device lost"):
-        joined_text(broken.stream("", "Hi", SamplingParams(max_tokens=3)))
+    later = stream_error(broken, prompt="Hi")
     assert time.monotonic() - t0 < 1
+    assert "the engine stopped" in str(later) and "illegal memory access" in str(later), later
 
 
 def test_closing_the_engine_ends_the_streams_in_flight(engine):
@@ -321,9 +343,10 @@ def test_closing_the_engine_ends_the_streams_in_flight(engine):
 
     closing = Engine(engine.model, engine.prompt, slots=2)
     closer = threading.Thread(target=closing.scheduler.close)
-    error = asyncio.run(asyncio.wait_for(_read_until_broken(closing, closer.start), timeout=30))
+    error = stream_error(closing, closer.start)
     closer.join(timeout=30)
     assert isinstance(error, RuntimeError) and "closed" in str(error), error
+    assert "closed" in str(stream_error(closing, prompt="Hi"))
 
 
 def test_tokens_per_second_is_the_engines_speed_even_when_the_reader_lags(engine, monkeypatch):
