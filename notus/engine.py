@@ -174,7 +174,7 @@ class Engine:
         log.info("seed: %d", seed)
 
         text = TextStream(self.token_bytes, list(params.stop_sequences))
-        async with aclosing(self._generate_ids(input_ids, params, seed, stats)) as batches:
+        async with aclosing(self.generate_ids(input_ids, params, seed, stats)) as batches:
             async for batch in batches:
                 for token_id in batch:
                     stats.token_arrived()
@@ -220,9 +220,10 @@ class Engine:
             use_cache=True,  # notus's config.json says false (a training setting)
         )
 
-    async def _generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int,
-                            stats: GenerationStats | None = None) -> AsyncIterator[list[int]]:
-        """Token ids as the engine hands them out, in lists (those of one wake-up); leaving stops the model."""
+    async def generate_ids(self, input_ids: list[int], params: SamplingParams, seed: int,
+                           stats: GenerationStats | None = None) -> AsyncIterator[list[int]]:
+        """Token ids as the engine hands them out, in lists (those of one wake-up); leaving stops the
+        model. What stream_ids() turns into text; benchmarks and tests that compare ids use it directly."""
         arrived, loop = asyncio.Event(), asyncio.get_running_loop()
         settings = RowSettings(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,

@@ -41,7 +41,7 @@ RANDOM_LENGTHS = [2048, 5000]
 
 async def engine_tokens(engine: Engine, ids: list[int], tokens: int) -> list[int]:
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0)
-    return [t async for batch in engine._generate_ids(ids, params, seed=0) for t in batch]
+    return [t async for batch in engine.generate_ids(ids, params, seed=0) for t in batch]
 
 
 async def all_at_once(engine: Engine, prompts: list[list[int]], tokens: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ async def _first_token(engine: Engine, ids: list[int], max_tokens: int, out: lis
     """Seconds from the request to its first token (greedy, exactly `max_tokens`; they go to `out`)."""
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, **GREEDY)
     t0, first = time.perf_counter(), None
-    async for batch in engine._generate_ids(ids, params, 0):
+    async for batch in engine.generate_ids(ids, params, 0):
         first = first or time.perf_counter()
         if out is not None:
             out += batch

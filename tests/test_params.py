@@ -67,7 +67,7 @@ def test_new_name_and_alias_that_disagree_fail_naming_both():
 
 def reply_ids(engine, prompt="Tell me a story.", **params) -> list[int]:
     ids = engine.prompt.ids("", prompt)
-    return asyncio.run(flattened(engine._generate_ids(ids, SamplingParams(**params), seed=params.get("seed", 0))))
+    return asyncio.run(flattened(engine.generate_ids(ids, SamplingParams(**params), seed=params.get("seed", 0))))
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1e-39), dict(top_p=0.0), dict(top_k=1)])

@@ -36,7 +36,7 @@ def engines(engine):
 async def generate(engine: Engine, ids: list[int], seed: int = 5, **params) -> tuple[list[int], GenerationStats]:
     stats = GenerationStats()
     out = []
-    async for batch in engine._generate_ids(ids, SamplingParams(**params), seed, stats):
+    async for batch in engine.generate_ids(ids, SamplingParams(**params), seed, stats):
         out += batch
     return out, stats
 

@@ -41,7 +41,7 @@ GREEDY = dict(temperature=0)
 
 
 async def ids_of(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
-    return await flattened(engine._generate_ids(ids, SamplingParams(**params), seed=seed))
+    return await flattened(engine.generate_ids(ids, SamplingParams(**params), seed=seed))
 
 
 def engine_ids(engine: Engine, ids: list[int], seed: int = 0, **params) -> list[int]:
@@ -175,7 +175,7 @@ def test_cancelling_one_of_8_leaves_the_other_7_token_for_token_unchanged(engine
 
     async def run(i):
         tokens = []
-        async with aclosing(engine._generate_ids(prompts[i], params, 5)) as batches:
+        async with aclosing(engine.generate_ids(prompts[i], params, 5)) as batches:
             async for batch in batches:
                 tokens += batch
                 if i == 3 and len(tokens) >= 10:
@@ -218,7 +218,7 @@ def test_a_request_past_the_context_fails_alone_with_what_it_asked(engine):
     engine thread, and the next request runs."""
     async def past_the_context():
         params = SamplingParams(max_tokens=engine.context_length - 5, **GREEDY)
-        async for _ in engine._generate_ids(long_prompt(engine, 10), params, 0):
+        async for _ in engine.generate_ids(long_prompt(engine, 10), params, 0):
             pass
 
     with pytest.raises(ValueError, match=f"10 prompt tokens and max_tokens {engine.context_length - 5} exceed"):
@@ -519,7 +519,7 @@ def test_time_in_queue_is_the_wait_for_a_slot_not_for_the_engines_turn(engine):
     chunks of a long prompt, submitted first): time_in_queue stays near 0."""
     async def run(ids):
         stats = GenerationStats()
-        async for _ in engine._generate_ids(ids, SamplingParams(max_tokens=2), 0, stats):
+        async for _ in engine.generate_ids(ids, SamplingParams(max_tokens=2), 0, stats):
             pass
         return stats.time_in_queue
 
