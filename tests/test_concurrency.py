@@ -92,8 +92,8 @@ def test_cancelling_one_of_8_leaves_the_other_7_unchanged(server):
 
 
 def test_a_33rd_prediction_while_32_run_is_refused_409_and_the_server_recovers(server):
-    """The README's capacity: 32 at once (sync, SSE and async alike), a 33rd answered `409 At capacity`
-    as Cog does; and `GET /predictions/<id>` is 405 (docs/coglet.md), async results come by webhook."""
+    """The README's capacity: 32 at once, a 33rd (sync or async) answered `409 At capacity` as Cog
+    does; and `GET /predictions/<id>` is 405 (docs/coglet.md): async results come by webhook."""
     ids = [f"capacity-{i}" for i in range(32)]
     long = dict(prompt="Tell me a long story.", max_tokens=20_000, min_tokens=20_000, seed=1)
     try:
