@@ -167,6 +167,10 @@ class Predictor(BasePredictor):
             stop_sequences=tuple(parse_stop_sequences(stop_sequences)),
             seed=seed,
         )
+        # Checked here as well as in the engine, to name the fields as the caller sent them.
+        params.validate({name: alias for name, alias, value in (("max_tokens", "max_new_tokens", max_new_tokens),
+                                                                ("min_tokens", "min_new_tokens", min_new_tokens))
+                         if value is not None})
         turns = conversation(prompt, system_prompt, messages)
         # A cancel (or a client gone) arrives in the engine's stream as asyncio.CancelledError: it stops
         # the request within a step, and the error goes on up to Cog. The metrics follow the last piece.

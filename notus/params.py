@@ -60,11 +60,13 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _as_int(name, getattr(self, name)))
 
-    def validate(self) -> None:
-        """Clear errors naming the limit and the value."""
+    def validate(self, sent_as: dict[str, str] | None = None) -> None:
+        """Clear errors naming the limit and the value, and each field by the name the caller sent
+        (`sent_as`: a field's deprecated alias, where the caller used that)."""
+        max_name, min_name = ((sent_as or {}).get(name, name) for name in ("max_tokens", "min_tokens"))
         _check(1 <= self.max_tokens <= CONTEXT_LENGTH, f"max_tokens must be between 1 and {CONTEXT_LENGTH}, got {self.max_tokens}")
         _check(0 <= self.min_tokens <= CONTEXT_LENGTH, f"min_tokens must be between 0 and {CONTEXT_LENGTH}, got {self.min_tokens}")
-        _check(self.min_tokens <= self.max_tokens, f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        _check(self.min_tokens <= self.max_tokens, f"{min_name} ({self.min_tokens}) must not exceed {max_name} ({self.max_tokens})")
         _check(0 <= self.temperature <= MAX_TEMPERATURE, f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}")
         _check(0 <= self.top_p <= 1, f"top_p must be between 0 and 1, got {self.top_p}")
         _check(0 <= self.top_k <= VOCAB_SIZE, f"top_k must be between 0 (off) and {VOCAB_SIZE}, got {self.top_k}")

@@ -219,7 +219,8 @@ def test_deprecated_aliases_still_work(server):
         ({"min_tokens": 2, "min_new_tokens": 3},
          "min_tokens (2) and its deprecated alias min_new_tokens (3) disagree: send only min_tokens"),
         ({"max_tokens": 5, "min_tokens": 6}, "min_tokens (6) must not exceed max_tokens (5)"),
-        ({"max_new_tokens": 5, "min_new_tokens": 6}, "min_tokens (6) must not exceed max_tokens (5)"),
+        ({"max_new_tokens": 5, "min_new_tokens": 6}, "min_new_tokens (6) must not exceed max_new_tokens (5)"),
+        ({"min_new_tokens": 600}, "min_new_tokens (600) must not exceed max_tokens (512)"),
     ],
 )
 def test_bad_combinations_fail_clearly_and_the_server_stays_healthy(server, inputs, message):
