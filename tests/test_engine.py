@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aio import text as joined_text
-from notus.engine import GenerationStats
+from notus.engine import Engine, GenerationStats
 from notus.params import SamplingParams
 
 EOS = 2
@@ -317,8 +317,7 @@ def test_a_broken_device_fails_every_request_at_once_and_reports_itself_unhealth
     """No request may wait for ever on a device that fails: the one in flight (or the first one sent)
     fails naming the error, the engine stops (predict.py's healthcheck turns false, Cog's
     /health-check UNHEALTHY), and every later request fails at once naming it too."""
-    from notus.engine import Engine
-    from predict import Predictor
+    from predict import Predictor  # imports cog: only where it is needed
 
     broken = Engine(engine.model, engine.prompt, slots=2)
     predictor = Predictor()
@@ -339,8 +338,6 @@ def test_a_broken_device_fails_every_request_at_once_and_reports_itself_unhealth
 
 
 def test_closing_the_engine_ends_the_streams_in_flight(engine):
-    from notus.engine import Engine
-
     closing = Engine(engine.model, engine.prompt, slots=2)
     closer = threading.Thread(target=closing.scheduler.close)
     error = stream_error(closing, closer.start)
@@ -351,9 +348,7 @@ def test_closing_the_engine_ends_the_streams_in_flight(engine):
 
 def test_tokens_per_second_is_the_engines_speed_even_when_the_reader_lags(engine, monkeypatch):
     """The decode speed is timed where the engine makes the tokens: a reader whose event loop was
-    busy for a second reads 20 tokens at once, and must not report them as made in an instant."""
-    from notus.engine import Engine
-
+    busy for a second reads 19 tokens at once, and reports the engine's speed, not its reading's."""
     slow = Engine(engine.model, engine.prompt, slots=2)
     step = slow.scheduler._decode_step
 
