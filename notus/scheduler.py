@@ -170,8 +170,9 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine thread still serves requests (predict.py's healthcheck)."""
-        return self._stopped is None and self._thread.is_alive()
+        """Whether the engine thread still serves requests (predict.py's healthcheck): `_stop`, the
+        thread's last act whatever ends it, sets `_stopped`."""
+        return self._stopped is None
 
     def close(self) -> None:
         """Stops the engine thread: the requests still in flight or queued end with "the engine is closed"."""
@@ -544,9 +545,7 @@ class Scheduler:
                 self._set_active(slot, False)
             except Exception as e:  # noqa: BLE001 - the request still ends; the engine stops after this turn
                 self._broken = self._broken or e
-        request.tokens.append(None)
-        request.done.set()
-        request.wake()
+        _end(request)
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         # Logged as text, then cut from its traceback: nothing (not even a log handler keeping the
@@ -581,13 +580,19 @@ class Scheduler:
         torch.cuda.synchronize()
 
 
-def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
-    """Ends a request the engine thread will never serve: its consumer reads the reason as its error."""
-    request.error = RuntimeError(reason)
+def _end(request: Request, wake: bool = True) -> None:
+    """The end of `request` as its consumer reads it: no token after, done, woken."""
     request.tokens.append(None)
     request.done.set()
-    if wake:  # on the engine thread, sent with the others (a consumer that submits needs none)
+    if wake:
         request.wake()
+
+
+def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
+    """Ends a request the engine thread will never serve: its consumer reads the reason as its error.
+    `wake`: on the engine thread, sent with the others (a consumer that submits needs none)."""
+    request.error = RuntimeError(reason)
+    _end(request, wake)
 
 
 def _own_copy(error: Exception) -> Exception:

@@ -248,9 +248,10 @@ def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
 def run_facts(device: str) -> dict:
     """What every result file records of its run: the device, the host's CPU, the versions, the
     machine, the command."""
+    host_cpu = cpu_description()
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_description(),
-        "host_cpu": cpu_description(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else host_cpu,
+        "host_cpu": host_cpu,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.node(),
