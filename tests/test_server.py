@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -194,6 +195,92 @@ def test_every_value_the_schema_accepts_works(server, inputs):
     assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
 
+# Texts a caller may send: the template's own markers, control and invisible characters, other
+# scripts, a stop sequence's separator; each a prompt, a system prompt, a message or a stop sequence.
+TRICKY_TEXTS = ["Hi", "", " ", "\n\n", "</s>", "<s>", "<|user|>\nHi</s>\n<|assistant|>\n", "[INST] x [/INST]",
+                "a\u0000b\u001b[31m", "\u200b\ufeff", "\U0001f999" * 30, "\u0645\u0631\u062d\u0628\u0627", ",", "the",
+                "e", "x" * 3000, "{{ messages }}{% for m in messages %}"]
+TOKEN_FIELDS = ("max_tokens", "min_tokens", "max_new_tokens", "min_new_tokens")
+
+
+def schema_valid_inputs(rng: random.Random, props: dict) -> dict:
+    """Random inputs that /openapi.json allows: each field left out or given one of its limits, its
+    default or a value between (token counts at most 24, to keep the cases short). Mostly a prompt
+    (with a system prompt or not) or a conversation in messages; one case in ten neither or both,
+    and the deprecated aliases now and then, as callers' mistakes."""
+    text = rng.choices([("prompt",), ("messages",), (), ("prompt", "messages")], weights=[70, 20, 5, 5])[0]
+    inputs = {}
+    for name, prop in props.items():
+        if name in ("prompt", "messages") and name not in text:
+            continue
+        if rng.random() < {"prompt": 0, "messages": 0, "max_new_tokens": 0.75, "min_new_tokens": 0.75}.get(name, 0.5):
+            continue
+        if name == "messages":
+            turns = ["user", "assistant"] * 2
+            inputs[name] = [{"role": "system", "content": rng.choice(TRICKY_TEXTS)}] * rng.randint(0, 1) + [
+                {"role": role, "content": rng.choice(TRICKY_TEXTS)} for role in turns[: rng.choice([1, 3])]]
+        elif prop.get("type") == "string":
+            fitting = [text for text in TRICKY_TEXTS if len(text) <= prop.get("maxLength", len(text))]
+            # Stop sequences: a few, comma-separated, as the field takes them.
+            inputs[name] = ",".join(rng.sample(fitting, rng.randint(1, 3))) if name == "stop_sequences" else rng.choice(fitting)
+        else:
+            low, high = prop["minimum"], min(prop["maximum"], 24) if name in TOKEN_FIELDS else prop["maximum"]
+            between = rng.randint(low, high) if prop["type"] == "integer" else rng.uniform(low, high)
+            inputs[name] = rng.choice([low, high, prop.get("default", low), between])
+    return inputs
+
+
+def token_limits(inputs: dict) -> tuple[int, int]:
+    """(max_tokens, min_tokens) as predict reads them: a deprecated alias, where given, counts when the
+    new name is left at its default (notus/params.py's with_alias)."""
+    return (inputs.get("max_new_tokens", inputs.get("max_tokens", 512)),
+            inputs.get("min_new_tokens", inputs.get("min_tokens", 0)))
+
+
+def refusals(inputs: dict) -> list[str]:
+    """What predict must refuse in schema-valid `inputs`: the limits the schema cannot express."""
+    given = {name for name, value in inputs.items() if value not in ("", [])}
+    found = []
+    if "messages" in given and {"prompt", "system_prompt"} & given:
+        found.append("messages replaces prompt and system_prompt")
+    if not {"prompt", "messages"} & given:
+        found.append("give prompt (your message) or messages")
+    if any(m["role"] == "user" and not m["content"] for m in inputs.get("messages", [])):
+        found.append("a user message needs text")
+    for new, old, default in (("max_tokens", "max_new_tokens", 512), ("min_tokens", "min_new_tokens", 0)):
+        if old in inputs and inputs.get(new, default) not in (default, inputs[old]):
+            found.append(f"{new} ({inputs[new]}) and its deprecated alias {old} ({inputs[old]}) disagree")
+    most, least = token_limits(inputs)
+    if least > most:
+        found.append("must not exceed")
+    return found
+
+
+def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server):
+    """Eighty random combinations of what the served schema allows (its limits, defaults and values
+    between, tricky texts everywhere): each succeeds within its limits, or fails with the message of
+    the limit it breaks; the server stays ready throughout."""
+    props = requests.get(f"{server.url}/openapi.json", timeout=5).json()["components"]["schemas"]["Input"]["properties"]
+    rng = random.Random(21)
+    for case in range(80):
+        inputs = schema_valid_inputs(rng, props)
+        response = server.predict(**inputs)
+        assert response.status_code == 200, (case, inputs, response.text)
+        body, expected = response.json(), refusals(inputs)
+        if expected:
+            assert body["status"] == "failed" and any(m in body["error"] for m in expected), (case, inputs, body)
+            continue
+        assert body["status"] == "succeeded", (case, inputs, body)
+        count, reply = body["metrics"]["output_token_count"], "".join(body["output"])
+        most, least = token_limits(inputs)
+        assert 1 <= count <= most, (case, inputs, body)
+        stops = [s.strip(" ") for s in inputs.get("stop_sequences", "").split(",") if s.strip(" ")]
+        assert not any(stop in reply for stop in stops), (case, inputs, body)
+        if not stops:  # the end of sequence is held until min_tokens
+            assert count >= least, (case, inputs, body)
+    assert server.health()["status"] == "READY"
+
+
 @pytest.mark.parametrize("name,value", [("temperature", 2), ("repetition_penalty", 2), ("top_p", 1)])
 def test_an_integer_where_a_float_is_expected_works_exactly_like_the_float(server, name, value):
     as_int = server.predict(prompt="Hi", max_tokens=20, seed=5, **{name: value}).json()
@@ -209,6 +296,12 @@ def test_deprecated_aliases_still_work(server):
     assert old["status"] == new["status"] == both["status"] == "succeeded", old
     assert old["output"] == new["output"] == both["output"]
     assert old["metrics"]["output_token_count"] == 7
+
+
+def test_an_input_name_the_schema_lacks_is_ignored_as_docs_coglet_says(server):
+    """coglet drops a name the schema lacks before predict sees it: a misspelt max_token runs with the default."""
+    typo = server.predict(prompt="Hi", max_token=2, min_tokens=20, seed=4).json()
+    assert typo["status"] == "succeeded" and typo["metrics"]["output_token_count"] >= 20, typo
 
 
 @pytest.mark.parametrize(
