@@ -36,6 +36,7 @@ from notus.params import (
     SamplingParams,
     with_alias,
 )
+from notus.prompt_template import fill
 from notus.stream import parse_stop_sequences
 from notus.weights import DEFAULT_WEIGHTS_DIR, ensure_weights
 
@@ -138,6 +139,13 @@ class Predictor(BasePredictor):
             "contain a comma), e.g. '<end>,<stop>'. Spaces around each are ignored: '<end>, <stop>' "
             "is the same. The reply stops right before the first one found.",
         ),
+        prompt_template: str = Input(
+            default="", max_length=MAX_PROMPT_CHARS,
+            description="Your own prompt format instead of notus's chat template, as Replicate's language "
+            "models take it: {prompt} and {system_prompt} mark where they go, {{ and }} are literal braces. "
+            "'{prompt}' alone sends the prompt as it is. <s> and </s> in the result are the control tokens, "
+            "and one <s> always comes first. Leave empty for the zephyr chat template notus was trained with.",
+        ),
         seed: Optional[int] = Input(
             default=None, ge=0, le=MAX_SEED,
             description="Random seed (0 to 4294967295) for a repeatable reply. Leave empty for a "
@@ -171,12 +179,14 @@ class Predictor(BasePredictor):
         params.validate({name: alias for name, alias, value in (("max_tokens", "max_new_tokens", max_new_tokens),
                                                                 ("min_tokens", "min_new_tokens", min_new_tokens))
                          if value is not None})
-        turns = conversation(prompt, system_prompt, messages)
+        if prompt_template:
+            reply = self.engine.stream_formatted(fill(prompt_template, prompt, system_prompt, messages), params, stats)
+        else:
+            reply = self.engine.stream_conversation(conversation(prompt, system_prompt, messages), params, stats)
         # A cancel (or a client gone) arrives in the engine's stream as asyncio.CancelledError: it stops
         # the request within a step, and the error goes on up to Cog. The metrics follow the last piece.
         scope = self.scope  # this prediction's, found here on coglet's event loop, not on its other threads
-        return coglet_stream.stream(self.engine.stream_conversation(turns, params, stats),
-                                    then=lambda: _record(scope, stats))
+        return coglet_stream.stream(reply, then=lambda: _record(scope, stats))
 
 
 def _record(scope, stats: GenerationStats) -> None:

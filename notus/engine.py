@@ -151,6 +151,10 @@ class Engine:
         generator in between for every piece to pass through."""
         return self.stream_ids(functools.partial(self.prompt.conversation_ids, turns), params, stats)
 
+    def stream_formatted(self, text: str, params: SamplingParams, stats: GenerationStats | None = None) -> AsyncIterator[str]:
+        """Text of the reply to a prompt the caller formatted (a filled-in prompt_template: ChatPrompt.formatted_ids)."""
+        return self.stream_ids(functools.partial(self.prompt.formatted_ids, text), params, stats)
+
     async def stream_ids(
         self, input_ids: list[int] | Callable[[], list[int]], params: SamplingParams,
         stats: GenerationStats | None = None,

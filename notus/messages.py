@@ -25,11 +25,11 @@ def conversation(prompt: str = "", system_prompt: str = "", messages: list | Non
     if not prompt:
         alone = "; system_prompt alone is not a message" if system_prompt else ""
         raise ValueError(f"give prompt (your message) or messages (a conversation): both are empty{alone}")
-    lengths = {name: (len(text), _utf8_bytes(text))  # each text encoded once: up to 2 MB
+    lengths = {name: (len(text), utf8_bytes(text))  # each text encoded once: up to 2 MB
                for name, text in (("prompt", prompt), ("system_prompt", system_prompt))}
     for name, (chars, size) in lengths.items():
-        _check_length(name, chars, size)
-    _check_length("prompt + system_prompt", *(sum(both) for both in zip(*lengths.values())))
+        check_length(name, chars, size)
+    check_length("prompt + system_prompt", *(sum(both) for both in zip(*lengths.values())))
     return [("system", system_prompt), ("user", prompt)]
 
 
@@ -67,8 +67,8 @@ def checked(messages: list) -> Conversation:
             expected = "assistant" if role == "user" else "user"
         if role == "user" and not content:
             raise ValueError(f"{where}.content is empty: a user message needs text")
-        chars, size = chars + len(content), size + _utf8_bytes(content)
-        _check_length("messages", chars, size)
+        chars, size = chars + len(content), size + utf8_bytes(content)
+        check_length("messages", chars, size)
         turns.append((role, content))
     if not turns or turns[-1][0] != "user":
         last = f"messages[{len(turns) - 1}] is {turns[-1][0]!r}" if turns else "messages is empty"
@@ -76,7 +76,7 @@ def checked(messages: list) -> Conversation:
     return turns
 
 
-def _check_length(name: str, chars: int, size: int) -> None:
+def check_length(name: str, chars: int, size: int) -> None:
     """Text longer than any that fits the context is refused before it is tokenized (notus/params.py)."""
     if chars > MAX_PROMPT_CHARS:
         raise ValueError(f"{name} holds {chars:,} characters; at most {MAX_PROMPT_CHARS:,} can fit the "
@@ -86,7 +86,7 @@ def _check_length(name: str, chars: int, size: int) -> None:
                          f"{CONTEXT_LENGTH:,}-token context")
 
 
-def _utf8_bytes(text: str) -> int:
+def utf8_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate counts, rather than raising here
 
 

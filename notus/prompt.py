@@ -84,6 +84,9 @@ class ChatPrompt:
         self.bos_id = tokenizer.token_to_id(bos_token)
         self.eos_id = tokenizer.token_to_id(eos_token)
         self._template, self._eos_token = chat_template, eos_token
+        # A caller's formatted prompt (formatted_ids) is split at these, the split kept.
+        self._bos_token, self._control_ids = bos_token, {bos_token: self.bos_id, eos_token: self.eos_id}
+        self._controls = re.compile(f"({re.escape(bos_token)}|{re.escape(eos_token)})")
 
     def text(self, system_prompt: str, prompt: str) -> str:
         """The rendered prompt as text (for logs and debugging)."""
@@ -112,6 +115,21 @@ class ChatPrompt:
             text = self._fill(segment, contents)
             if text:
                 ids.extend(self._encode(text))
+        return ids
+
+    def formatted_ids(self, text: str) -> list[int]:
+        """A prompt the caller formatted (a filled-in prompt_template), read as the legacy tokenizer read
+        text in training: `<s>` and `</s>` are the control tokens and split it into segments, each
+        tokenized on its own. One BOS first: the text's own, where it starts with `<s>`."""
+        pieces = self._controls.split(text)  # text, control, text, ...: the controls kept
+        if len(pieces) > 1 and not pieces[0] and pieces[1] == self._bos_token:
+            pieces = pieces[2:]  # its own BOS is the one
+        ids = [self.bos_id]
+        for piece in pieces:
+            if piece in self._control_ids:
+                ids.append(self._control_ids[piece])
+            elif piece:
+                ids.extend(self._encode(piece))
         return ids
 
     def _encode(self, text: str) -> list[int]:

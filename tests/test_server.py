@@ -43,12 +43,13 @@ def test_schema_describes_every_input_with_its_limits(server):
     props = inputs["properties"]
     assert sorted(props, key=lambda name: props[name]["x-order"]) == [
         "prompt", "system_prompt", "messages", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
-        "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_sequences", "seed",
+        "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_sequences", "prompt_template", "seed",
         "max_new_tokens", "min_new_tokens",
     ]
     assert all(p.get("description") for p in props.values())
     assert props["prompt"]["maxLength"] == props["system_prompt"]["maxLength"] == MAX_PROMPT_CHARS
-    assert props["prompt"]["default"] == props["system_prompt"]["default"] == ""
+    assert props["prompt"]["default"] == props["system_prompt"]["default"] == props["prompt_template"]["default"] == ""
+    assert props["prompt_template"]["maxLength"] == MAX_PROMPT_CHARS and "{prompt}" in props["prompt_template"]["description"]
     # What cog build's Go writes for list[dict] (pkg/schema/schema_type.go: an array of opaque objects).
     assert props["messages"].items() >= {"type": "array", "items": {"type": "object"}, "default": []}.items()
     assert props["max_tokens"].items() >= {"type": "integer", "default": 512, "minimum": 1, "maximum": 32768}.items()
@@ -103,6 +104,21 @@ def test_a_conversation_in_messages_matches_the_engine(server, engine):
     again = server.predict(messages=CONVERSATION, max_tokens=30, seed=42).json()
     assert again["output"] == body["output"]
     assert again["metrics"]["cached_input_token_count"] == body["metrics"]["input_token_count"] - 1
+
+
+def test_the_zephyr_template_sent_as_prompt_template_gives_the_same_reply(server, engine):
+    """prompt_template in Replicate's form (cog-vllm's): notus's own template written out gives the
+    reply and the prompt tokens of the default; '{prompt}' sends the text as it is."""
+    inputs = dict(prompt="Hello there", system_prompt="Be brief.", max_tokens=20, seed=42)
+    default = server.predict(**inputs).json()
+    zephyr = server.predict(**inputs, prompt_template="<|system|>\n{system_prompt}</s>\n<|user|>\n{prompt}</s>\n"
+                                                      "<|assistant|>\n").json()
+    raw = server.predict(prompt="<|system|>\nBe brief.", prompt_template="{prompt}", max_tokens=3).json()
+    assert default["status"] == zephyr["status"] == raw["status"] == "succeeded", (default, zephyr, raw)
+    assert zephyr["output"] == default["output"]
+    assert zephyr["metrics"]["input_token_count"] == default["metrics"]["input_token_count"]
+    # <s> and the text's own tokens, no template around it
+    assert raw["metrics"]["input_token_count"] == len(engine.prompt.formatted_ids("<|system|>\nBe brief.")) == 10
 
 
 @pytest.mark.parametrize(
@@ -201,6 +217,12 @@ TRICKY_TEXTS = ["Hi", "", " ", "\n\n", "</s>", "<s>", "<|user|>\nHi</s>\n<|assis
                 "a\u0000b\u001b[31m", "\u200b\ufeff", "\U0001f999" * 30, "\u0645\u0631\u062d\u0628\u0627", ",", "the",
                 "e", "x" * 3000, "{{ messages }}{% for m in messages %}"]
 TOKEN_FIELDS = ("max_tokens", "min_tokens", "max_new_tokens", "min_new_tokens")
+# prompt_template's: (template, the fields it has, the refusal of a broken one).
+TEMPLATES = [("{prompt}", {"prompt"}, None), ("<s>[INST] {prompt} [/INST]", {"prompt"}, None),
+             ("<|system|>\n{system_prompt}</s>\n<|user|>\n{prompt}</s>\n<|assistant|>\n", {"prompt", "system_prompt"}, None),
+             ("{system_prompt}\n\n{prompt}", {"prompt", "system_prompt"}, None), ('{{"q": "{prompt}"}}</s>', {"prompt"}, None),
+             ("Tell me a joke.", set(), None), ("{prompt", set(), "has a lone '{'"),
+             ("{question} {prompt}", {"prompt"}, "prompt_template has {question}")]
 
 
 def schema_valid_inputs(rng: random.Random, props: dict) -> dict:
@@ -215,7 +237,9 @@ def schema_valid_inputs(rng: random.Random, props: dict) -> dict:
             continue
         if rng.random() < {"prompt": 0, "messages": 0, "max_new_tokens": 0.75, "min_new_tokens": 0.75}.get(name, 0.5):
             continue
-        if name == "messages":
+        if name == "prompt_template":
+            inputs[name] = rng.choice(TEMPLATES)[0] if rng.random() < 0.5 else ""
+        elif name == "messages":
             turns = ["user", "assistant"] * 2
             inputs[name] = [{"role": "system", "content": rng.choice(TRICKY_TEXTS)}] * rng.randint(0, 1) + [
                 {"role": role, "content": rng.choice(TRICKY_TEXTS)} for role in turns[: rng.choice([1, 3])]]
@@ -241,12 +265,23 @@ def refusals(inputs: dict) -> list[str]:
     """What predict must refuse in schema-valid `inputs`: the limits the schema cannot express."""
     given = {name for name, value in inputs.items() if value not in ("", [])}
     found = []
-    if "messages" in given and {"prompt", "system_prompt"} & given:
-        found.append("messages replaces prompt and system_prompt")
-    if not {"prompt", "messages"} & given:
-        found.append("give prompt (your message) or messages")
-    if any(m["role"] == "user" and not m["content"] for m in inputs.get("messages", [])):
-        found.append("a user message needs text")
+    if "prompt_template" in given:
+        _, fields, broken = next(t for t in TEMPLATES if t[0] == inputs["prompt_template"])
+        if "messages" in given:
+            found.append("prompt_template formats prompt and system_prompt; messages is rendered")
+        if broken:
+            found.append(broken)
+        found += [f"prompt_template has no {{{name}}}" for name in ("prompt", "system_prompt")
+                  if name in given and name not in fields]
+        if inputs["prompt_template"] == "{prompt}" and "prompt" not in given:
+            found.append("prompt_template and the prompt it formats are empty")
+    else:
+        if "messages" in given and {"prompt", "system_prompt"} & given:
+            found.append("messages replaces prompt and system_prompt")
+        if not {"prompt", "messages"} & given:
+            found.append("give prompt (your message) or messages")
+        if any(m["role"] == "user" and not m["content"] for m in inputs.get("messages", [])):
+            found.append("a user message needs text")
     for new, old, default in (("max_tokens", "max_new_tokens", 512), ("min_tokens", "min_new_tokens", 0)):
         if old in inputs and inputs.get(new, default) not in (default, inputs[old]):
             found.append(f"{new} ({inputs[new]}) and its deprecated alias {old} ({inputs[old]}) disagree")
@@ -258,7 +293,7 @@ def refusals(inputs: dict) -> list[str]:
 
 def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server):
     """Eighty random combinations of what the served schema allows (its limits, defaults and values
-    between, tricky texts everywhere): each succeeds within its limits, or fails with the message of
+    between, tricky texts everywhere, prompt templates good and broken): each succeeds within its limits, or fails with the message of
     the limit it breaks; the server stays ready throughout."""
     props = requests.get(f"{server.url}/openapi.json", timeout=5).json()["components"]["schemas"]["Input"]["properties"]
     rng = random.Random(21)
