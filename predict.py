@@ -143,8 +143,9 @@ class Predictor(BasePredictor):
             default="", max_length=MAX_PROMPT_CHARS,
             description="Your own prompt format instead of notus's chat template, as Replicate's language "
             "models take it: {prompt} and {system_prompt} mark where they go, {{ and }} are literal braces. "
-            "'{prompt}' alone sends the prompt as it is. <s> and </s> in the result are the control tokens, "
-            "and one <s> always comes first. Leave empty for the zephyr chat template notus was trained with.",
+            "'{prompt}' alone sends the prompt as it is. <s>, </s> and <unk> in the result are the special "
+            "tokens, and one <s> always comes first. Leave empty for the zephyr chat template notus was "
+            "trained with.",
         ),
         seed: Optional[int] = Input(
             default=None, ge=0, le=MAX_SEED,

@@ -195,7 +195,7 @@ class Engine:
         room = self.context_length - prompt_tokens
         if room < 1:
             raise ValueError(
-                f"The prompt is {prompt_tokens:,} tokens (system prompt and chat template included); "
+                f"The prompt is {prompt_tokens:,} tokens (system prompt and template included); "
                 f"notus-7b-v1 takes at most {self.context_length:,} tokens in all, so the prompt can be "
                 f"at most {self.context_length - 1:,} tokens. Shorten the prompt."
             )

@@ -79,14 +79,16 @@ def render_frame(chat_template: str, roles: tuple[str, ...], eos_token: str = "<
 class ChatPrompt:
     """Builds the token ids of a conversation, ending at `<|assistant|>\n`."""
 
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, bos_token: str = "<s>", eos_token: str = "</s>"):
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, bos_token: str = "<s>", eos_token: str = "</s>",
+                 unk_token: str = "<unk>"):
         self.tokenizer = tokenizer
         self.bos_id = tokenizer.token_to_id(bos_token)
         self.eos_id = tokenizer.token_to_id(eos_token)
         self._template, self._eos_token = chat_template, eos_token
-        # A caller's formatted prompt (formatted_ids) is split at these, the split kept.
-        self._bos_token, self._control_ids = bos_token, {bos_token: self.bos_id, eos_token: self.eos_id}
-        self._controls = re.compile(f"({re.escape(bos_token)}|{re.escape(eos_token)})")
+        # The special tokens a caller's formatted prompt (formatted_ids) is split at, the split kept.
+        self._bos_token = bos_token
+        self._control_ids = {token: tokenizer.token_to_id(token) for token in (bos_token, eos_token, unk_token)}
+        self._controls = re.compile("(" + "|".join(map(re.escape, self._control_ids)) + ")")
 
     def text(self, system_prompt: str, prompt: str) -> str:
         """The rendered prompt as text (for logs and debugging)."""
@@ -119,8 +121,9 @@ class ChatPrompt:
 
     def formatted_ids(self, text: str) -> list[int]:
         """A prompt the caller formatted (a filled-in prompt_template), read as the legacy tokenizer read
-        text in training: `<s>` and `</s>` are the control tokens and split it into segments, each
-        tokenized on its own. One BOS first: the text's own, where it starts with `<s>`."""
+        text in training: the special tokens `<s>`, `</s>` and `<unk>` split it into segments, each
+        tokenized on its own. One BOS first: the text's own, where it starts with `<s>` (the legacy
+        tokenizer would add a second)."""
         pieces = self._controls.split(text)  # text, control, text, ...: the controls kept
         if len(pieces) > 1 and not pieces[0] and pieces[1] == self._bos_token:
             pieces = pieces[2:]  # its own BOS is the one

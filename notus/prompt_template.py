@@ -1,13 +1,13 @@
 """`prompt_template`: the caller's own prompt format instead of notus's chat template, as Replicate's
 language models take it (cog-vllm's input of that name): Python's format syntax with two fields,
-`{prompt}` and `{system_prompt}`, and `{{` / `}}` for literal braces. `{prompt}` alone sends the
-prompt as it is: a caller who formats the text themselves.
+`{prompt}` and `{system_prompt}`, and `{{` / `}}` for literal braces (no conversions, format specs or
+attribute access). `{prompt}` alone sends the prompt as it is: a caller who formats the text themselves.
 
 A template is checked whole before anything runs: a field it does not have, a lone brace, or a
 prompt (or system prompt) given that it would leave out fails the prediction naming the problem,
 where cog-vllm would drop the text silently or fail with Python's own message. With a template the
-caller writes the format, so the filled-in text is read as a pre-formatted prompt is: its `<s>` and
-`</s>` are the control tokens (ChatPrompt.formatted_ids), wherever they came from.
+caller writes the format, so the filled-in text is read as the legacy tokenizer reads a prompt:
+`<s>`, `</s>` and `<unk>` are special tokens wherever they came from (ChatPrompt.formatted_ids).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ def fill(template: str, prompt: str, system_prompt: str, messages: list | None =
             parts.append(values[name])
             used.add(name)
         elif name is not None:
-            raise ValueError(f"prompt_template has {text}: its fields are {{prompt}} and {{system_prompt}}; "
-                             "write {{ and }} for a literal brace")
+            raise ValueError(_unknown_field(text, name))
         else:
-            raise ValueError(f"prompt_template has a lone {text!r} at character {mark.start() + 1}: write "
-                             f"{text * 2!r} for a literal brace")
+            raise ValueError(f"prompt_template has a {text!r} at character {mark.start() + 1} that "
+                             f"{'opens' if text == '{' else 'closes'} no field: its fields are {{prompt}} and "
+                             f"{{system_prompt}}; write {text * 2!r} for a literal brace")
     parts.append(template[start:])
     for name in FIELDS:
         if values[name] and name not in used:
@@ -59,3 +59,12 @@ def fill(template: str, prompt: str, system_prompt: str, messages: list | None =
         raise ValueError("prompt_template and the prompt it formats are empty: there is nothing to answer")
     check_length(name, 0, utf8_bytes(filled))
     return filled
+
+
+def _unknown_field(text: str, name: str) -> str:
+    shown = text if len(text) <= 40 else text[:37] + "..."  # a whole template may sit between two braces
+    field = re.match(r"(prompt|system_prompt)[!:.\[]", name)
+    if field:  # {prompt!r}, {prompt:>10}, {prompt.upper}, {prompt[0]}: what Python's format does besides fields
+        return (f"prompt_template has {shown}: conversions (!r), format specs (:>10) and attribute or index "
+                f"access are not supported; write {{{field.group(1)}}}")
+    return f"prompt_template has {shown}: its fields are {{prompt}} and {{system_prompt}}; write {{{{ and }}}} for a literal brace"

@@ -7,7 +7,7 @@ import pytest
 
 from notus.params import MAX_PROMPT_CHARS
 from notus.prompt_template import fill
-from test_prompt import BOS, EOS, HISTORY, PLAIN
+from test_prompt import BOS, EOS, HISTORY, PLAIN, UNK
 
 ZEPHYR = "<|system|>\n{system_prompt}</s>\n<|user|>\n{prompt}</s>\n<|assistant|>\n"
 
@@ -46,15 +46,33 @@ def test_a_template_fills_its_fields_as_python_format_does(engine, sp, template,
     assert engine.prompt.formatted_ids(text) == [BOS, *sp.encode(text)]
 
 
+@pytest.mark.parametrize("text,pieces", [
+    ("<s>", []), ("<s><s>Hi", [BOS, "Hi"]), ("\n<s>Hi", ["\n", BOS, "Hi"]), ("<s>\nHi</s><s>", ["\nHi", EOS, BOS]),
+    ("a<unk>b </s>", ["a", UNK, "b ", EOS]),
+])
+def test_special_tokens_in_a_formatted_prompt_are_read_as_the_legacy_tokenizer_reads_them(engine, sp, text, pieces):
+    """Split at <s>, </s> and <unk>, each piece encoded on its own; one BOS first, the text's own if it starts with one."""
+    expected = [BOS] + [token for piece in pieces for token in ([piece] if isinstance(piece, int) else sp.encode(piece))]
+    assert engine.prompt.formatted_ids(text) == expected
+
+
 def test_a_template_without_fields_is_the_whole_prompt_when_no_prompt_is_given(engine, sp):
     assert engine.prompt.formatted_ids(fill("Tell me a joke.", "", "")) == [BOS, *sp.encode("Tell me a joke.")]
 
 
 @pytest.mark.parametrize("template,prompt,system_prompt,messages,error", [
-    ("{prompt", "Hi", "", None, "prompt_template has a lone '{' at character 1: write '{{' for a literal brace"),
-    ("{prompt} }", "Hi", "", None, "prompt_template has a lone '}' at character 10: write '}}' for a literal brace"),
+    ("{prompt", "Hi", "", None, "prompt_template has a '{' at character 1 that opens no field: its fields are "
+     "{prompt} and {system_prompt}; write '{{' for a literal brace"),
+    ("{prompt} }", "Hi", "", None, "prompt_template has a '}' at character 10 that closes no field"),
+    ("{prompt:{system_prompt}}", "Hi", "", None, "a '{' at character 1 that opens no field"),  # a nested spec
     ("{user}: {prompt}", "Hi", "", None, "prompt_template has {user}: its fields are {prompt} and {system_prompt}"),
     ("{0} {prompt}", "Hi", "", None, "prompt_template has {0}: its fields are"),
+    ("{" + "x" * 1000 + "}", "", "", None, "prompt_template has {" + "x" * 36 + "...: its fields are"),  # cut short
+    ("{prompt!r}", "Hi", "", None, "prompt_template has {prompt!r}: conversions (!r), format specs (:>10) and "
+     "attribute or index access are not supported; write {prompt}"),
+    ("{system_prompt:>10} {prompt}", "Hi", "", None, "has {system_prompt:>10}: conversions"),
+    ("{prompt.upper}", "Hi", "", None, "has {prompt.upper}: conversions"),
+    ("{prompt[0]}", "Hi", "", None, "has {prompt[0]}: conversions"),
     ("[INST] hello [/INST]", "Hi", "", None, "prompt_template has no {prompt}, so the prompt given would not be used"),
     ("{{prompt}}", "Hi", "", None, "prompt_template has no {prompt}"),  # braces doubled: a literal "{prompt}"
     ("{prompt}", "Hi", "Be brief.", None,

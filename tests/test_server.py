@@ -219,9 +219,10 @@ TRICKY_TEXTS = ["Hi", "", " ", "\n\n", "</s>", "<s>", "<|user|>\nHi</s>\n<|assis
 TOKEN_FIELDS = ("max_tokens", "min_tokens", "max_new_tokens", "min_new_tokens")
 # prompt_template's: (template, the fields it has, the refusal of a broken one).
 TEMPLATES = [("{prompt}", {"prompt"}, None), ("<s>[INST] {prompt} [/INST]", {"prompt"}, None),
+             ("<s>[INST] <<SYS>>\n{system_prompt}\n<</SYS>>\n\n{prompt} [/INST]", {"prompt", "system_prompt"}, None),
              ("<|system|>\n{system_prompt}</s>\n<|user|>\n{prompt}</s>\n<|assistant|>\n", {"prompt", "system_prompt"}, None),
              ("{system_prompt}\n\n{prompt}", {"prompt", "system_prompt"}, None), ('{{"q": "{prompt}"}}</s>', {"prompt"}, None),
-             ("Tell me a joke.", set(), None), ("{prompt", set(), "has a lone '{'"),
+             ("Tell me a joke.", set(), None), ("{prompt", set(), "has a '{' at character 1 that opens no field"),
              ("{question} {prompt}", {"prompt"}, "prompt_template has {question}")]
 
 
@@ -238,7 +239,7 @@ def schema_valid_inputs(rng: random.Random, props: dict) -> dict:
         if rng.random() < {"prompt": 0, "messages": 0, "max_new_tokens": 0.75, "min_new_tokens": 0.75}.get(name, 0.5):
             continue
         if name == "prompt_template":
-            inputs[name] = rng.choice(TEMPLATES)[0] if rng.random() < 0.5 else ""
+            inputs[name] = rng.choice(TEMPLATES)[0] if rng.random() < 0.8 else ""
         elif name == "messages":
             turns = ["user", "assistant"] * 2
             inputs[name] = [{"role": "system", "content": rng.choice(TRICKY_TEXTS)}] * rng.randint(0, 1) + [
@@ -262,9 +263,16 @@ def token_limits(inputs: dict) -> tuple[int, int]:
 
 
 def refusals(inputs: dict) -> list[str]:
-    """What predict must refuse in schema-valid `inputs`: the limits the schema cannot express."""
+    """What predict must refuse in schema-valid `inputs` (the limits the schema cannot express), in the
+    order predict checks them: the first is the error it gives."""
     given = {name for name, value in inputs.items() if value not in ("", [])}
     found = []
+    for new, old, default in (("max_tokens", "max_new_tokens", 512), ("min_tokens", "min_new_tokens", 0)):
+        if old in inputs and inputs.get(new, default) not in (default, inputs[old]):
+            found.append(f"{new} ({inputs[new]}) and its deprecated alias {old} ({inputs[old]}) disagree")
+    most, least = token_limits(inputs)
+    if least > most:
+        found.append("must not exceed")
     if "prompt_template" in given:
         _, fields, broken = next(t for t in TEMPLATES if t[0] == inputs["prompt_template"])
         if "messages" in given:
@@ -275,26 +283,32 @@ def refusals(inputs: dict) -> list[str]:
                   if name in given and name not in fields]
         if inputs["prompt_template"] == "{prompt}" and "prompt" not in given:
             found.append("prompt_template and the prompt it formats are empty")
-    else:
-        if "messages" in given and {"prompt", "system_prompt"} & given:
+    elif "messages" in given:
+        if {"prompt", "system_prompt"} & given:
             found.append("messages replaces prompt and system_prompt")
-        if not {"prompt", "messages"} & given:
-            found.append("give prompt (your message) or messages")
-        if any(m["role"] == "user" and not m["content"] for m in inputs.get("messages", [])):
+        if any(m["role"] == "user" and not m["content"] for m in inputs["messages"]):
             found.append("a user message needs text")
-    for new, old, default in (("max_tokens", "max_new_tokens", 512), ("min_tokens", "min_new_tokens", 0)):
-        if old in inputs and inputs.get(new, default) not in (default, inputs[old]):
-            found.append(f"{new} ({inputs[new]}) and its deprecated alias {old} ({inputs[old]}) disagree")
-    most, least = token_limits(inputs)
-    if least > most:
-        found.append("must not exceed")
+    elif "prompt" not in given:
+        found.append("give prompt (your message) or messages")
     return found
 
 
-def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server):
+def prompt_ids(engine, inputs: dict) -> list[int]:
+    """The prompt's token ids for inputs predict accepts: a template filled in by Python's own format (as
+    cog-vllm fills it), a conversation, or prompt and system prompt in the chat template."""
+    prompt, system_prompt = inputs.get("prompt", ""), inputs.get("system_prompt", "")
+    if inputs.get("prompt_template"):
+        return engine.prompt.formatted_ids(inputs["prompt_template"].format(prompt=prompt, system_prompt=system_prompt))
+    if inputs.get("messages"):
+        return engine.prompt.conversation_ids([(m["role"], m["content"]) for m in inputs["messages"]])
+    return engine.prompt.ids(system_prompt, prompt)
+
+
+def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server, engine):
     """Eighty random combinations of what the served schema allows (its limits, defaults and values
-    between, tricky texts everywhere, prompt templates good and broken): each succeeds within its limits, or fails with the message of
-    the limit it breaks; the server stays ready throughout."""
+    between, tricky texts everywhere, prompt templates good and broken): each succeeds within its
+    limits with the prompt it asked for, or fails with the message of the first limit it breaks; the
+    server stays ready throughout."""
     props = requests.get(f"{server.url}/openapi.json", timeout=5).json()["components"]["schemas"]["Input"]["properties"]
     rng = random.Random(21)
     for case in range(80):
@@ -303,9 +317,10 @@ def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server):
         assert response.status_code == 200, (case, inputs, response.text)
         body, expected = response.json(), refusals(inputs)
         if expected:
-            assert body["status"] == "failed" and any(m in body["error"] for m in expected), (case, inputs, body)
+            assert body["status"] == "failed" and expected[0] in body["error"], (case, inputs, body)
             continue
         assert body["status"] == "succeeded", (case, inputs, body)
+        assert body["metrics"]["input_token_count"] == len(prompt_ids(engine, inputs)), (case, inputs, body)
         count, reply = body["metrics"]["output_token_count"], "".join(body["output"])
         most, least = token_limits(inputs)
         assert 1 <= count <= most, (case, inputs, body)
