@@ -30,7 +30,8 @@ from notus.messages import Conversation, conversation
 from notus.params import SamplingParams
 from notus.prompt import ChatPrompt, load_tokenizer
 from notus.sampling import RowSettings
-from notus.scheduler import Request, Scheduler
+from notus.request import Request
+from notus.scheduler import Scheduler
 from notus.stream import TextStream, TokenBytes
 from notus.wakeups import Wakeups
 

@@ -15,7 +15,7 @@ One long-lived thread owns the model, the KV cache (notus/forward.py) and the sa
    within two chunks' time, and a cancel is seen between chunks. Prompts that finish sample their
    first tokens together and join the decoding batch. A packed forward that fails runs each chunk
    again alone, so only a request that fails on its own fails (a chunk that could not be run
-   again, one that wraps its ring, is never packed: `_chunks`);
+   again, one that wraps its ring, is never packed: notus/prefill_plan.py);
 4. runs ONE decode step for every decoding slot (a batch bucket of the lowest slots: requests move
    down into slots freed below them, so the bucket covers just the requests in flight), replayed
    on the GPU from the CUDA graph of its batch bucket, each row's attention reading its own ring
@@ -31,7 +31,6 @@ A request that fails (out of memory in its prefill, say) fails alone; the others
 from __future__ import annotations
 
 import bisect
-import copy
 import logging
 import queue
 import threading
@@ -40,52 +39,19 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from notus.forward import Forward, KVCache, Segment, one_length
+from notus.prefill_plan import plan_chunks
 from notus.prefix_cache import PrefixCache
-from notus.sampling import RowSettings, Sampler, one_pass_greedy, shortcuts
+from notus.request import Request, own_copy
+from notus.sampling import Sampler, one_pass_greedy, shortcuts
 
 log = logging.getLogger("notus")
 
-CHUNK = 2048  # prefill tokens per turn
-PASSED_TURNS = 2  # turns a prefilling request may be left out before it goes first
 LENGTH_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)  # a graph's attention reads the bucket, not the window
-
-
-@dataclass(eq=False)  # each request is itself: `in` and remove() must not compare prompts
-class Request:
-    """One generation. Token ids arrive on `tokens`, then None; `error` is set if it failed.
-
-    The engine thread calls `wake()` after it appends to `tokens` (once per step, not per token):
-    the consumer's cue to read them, from any thread or event loop. It may only note the wake-up,
-    to send it with the turn's others from the scheduler's `send_wakeups` (notus/wakeups.py).
-    """
-
-    input_ids: list[int]
-    max_tokens: int
-    wake: Callable[[], None]
-    settings: RowSettings = field(default_factory=RowSettings)
-    tokens: deque = field(default_factory=deque)
-    stop: threading.Event = field(default_factory=threading.Event)  # set by the consumer: stop now
-    done: threading.Event = field(default_factory=threading.Event)  # set by the engine thread
-    error: BaseException | None = None
-    # The engine thread's bookkeeping.
-    queued_at: float | None = None  # perf_counter() when the engine thread took it in
-    admitted_at: float | None = None  # perf_counter() when it got a slot
-    slot: int | None = None
-    cached: int = 0  # prompt tokens whose keys and values were already in the cache (notus/prefix_cache.py)
-    prefilled: int = 0
-    passed: int = 0  # turns in a row its prefill was left out (Scheduler._chunks)
-    sampled: int = 0  # tokens sampled (some maybe not read yet)
-    delivered: int = 0
-    last_token: int | None = None  # the last one delivered
-    # perf_counter() when the first and the latest tokens were handed out: the decode speed, as the
-    # engine made the tokens (a consumer may read several at once, late).
-    first_token_at: float | None = None
-    last_token_at: float | None = None
 
 
 @dataclass
@@ -156,7 +122,7 @@ class Scheduler:
             if self._stopped is None:
                 self._inbox.put(request)
                 return request
-        _end_unserved(request, self._stopped, wake=False)
+        request.end_unserved(self._stopped, wake=False)
         raise RuntimeError(self._stopped)
 
     def call(self, fn: Callable[[], object]) -> object:
@@ -219,7 +185,7 @@ class Scheduler:
                     left.append(item)
         for request in left:
             if not request.done.is_set():
-                _end_unserved(request, reason)
+                request.end_unserved(reason)
         self.send_wakeups()
 
     def _turn(self) -> None:
@@ -228,7 +194,7 @@ class Scheduler:
         self._admit()
         self._compact()
         if self._prefilling:
-            self._prefill(self._chunks())
+            self._prefill(plan_chunks(self._prefilling, self.window, self.pack))
         launched = self._decode_step()
         self._hand_out(keep_newest=launched)
 
@@ -314,47 +280,9 @@ class Scheduler:
         self._set_active(source, False)
         request.slot = target
 
-    def _chunks(self) -> list[tuple[Request, int]]:
-        """This turn's prefill: (request, tokens) for each chunk of the one forward.
-
-        In order of least prompt left (the oldest of equals), each takes min(its prompt left, the
-        turn's budget left, the window) until CHUNK tokens are taken: a burst of short prompts is
-        prefilled in a few forwards, a short prompt behind a long one waits for the chunk in
-        progress and then runs in the next (two chunks' time at most: a request left out for
-        PASSED_TURNS turns goes first, for one turn), and a long prompt gets what the short ones
-        leave. Without packing (`pack` off): the first one only.
-
-        The re-run rule: a packed forward that fails is run again chunk by chunk (_prefill), so
-        each chunk must give the same result when run again. A chunk that wraps its ring (start >
-        0 and start + tokens > window) writes entries it also reads (its held positions) and cannot
-        be run again: it runs alone, when it comes first.
-        """
-        budget, chunks = CHUNK, []
-        # A request left out of PASSED_TURNS turns in a row goes first, so that a long prompt whose
-        # chunks must run alone is not held back for ever by a stream of shorter ones.
-        order = sorted(self._prefilling, key=lambda r: (r.passed < PASSED_TURNS, len(r.input_ids) - r.prefilled))
-        for request in order:  # sorted() is stable: the oldest first among equals
-            if budget == 0:
-                break
-            start = request.prefilled
-            n = min(len(request.input_ids) - start, budget, self.window)
-            if 0 < start and start + n > self.window:  # wraps its ring: alone
-                if not chunks:
-                    chunks.append((request, n))
-                    break
-                continue
-            chunks.append((request, n))
-            budget -= n
-            if not self.pack:
-                break
-        taken = {id(request) for request, _ in chunks}
-        for request in self._prefilling:
-            request.passed = 0 if id(request) in taken else request.passed + 1
-        return chunks
-
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
         """Runs the chunks in one forward. If a packed forward fails, each chunk runs again alone
-        (see _chunks: each may), so that only a request that fails on its own fails."""
+        (see plan_chunks: each may), so that only a request that fails on its own fails."""
         if len(chunks) > 1:
             try:
                 logits = self._forward(chunks)
@@ -545,7 +473,7 @@ class Scheduler:
                 self._set_active(slot, False)
             except Exception as e:  # noqa: BLE001 - the request still ends; the engine stops after this turn
                 self._broken = self._broken or e
-        _end(request)
+        request.end()
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         # Logged as text, then cut from its traceback: nothing (not even a log handler keeping the
@@ -553,9 +481,7 @@ class Scheduler:
         log.error("generation failed for %d request(s):\n%s", len(requests), "".join(traceback.format_exception(error)))
         error.__traceback__ = error.__context__ = error.__cause__ = None
         for request in requests:
-            # Each its own copy: a consumer's raise adds its frames to the object's traceback, which
-            # the other consumers' would then carry (and keep alive).
-            request.error = _own_copy(error)
+            request.error = own_copy(error)  # each its own (see own_copy)
             if self.prefixes is not None and request.slot is not None:
                 self.prefixes.forget(request.slot)  # what its work left in the slot is unknown
             self._finish(request)
@@ -578,27 +504,3 @@ class Scheduler:
                     self.graph_logits[batch, length] = self._step(batch, length)
                 self.graphs[batch, length] = graph
         torch.cuda.synchronize()
-
-
-def _end(request: Request, wake: bool = True) -> None:
-    """The end of `request` as its consumer reads it: no token after, done, woken."""
-    request.tokens.append(None)
-    request.done.set()
-    if wake:
-        request.wake()
-
-
-def _end_unserved(request: Request, reason: str, wake: bool = True) -> None:
-    """Ends a request the engine thread will never serve: its consumer reads the reason as its error.
-    `wake`: on the engine thread, sent with the others (a consumer that submits needs none)."""
-    request.error = RuntimeError(reason)
-    _end(request, wake)
-
-
-def _own_copy(error: Exception) -> Exception:
-    """A copy of `error` saying the same, else `error` itself (a class that cannot be rebuilt from its args)."""
-    try:
-        copied = copy.copy(error)
-    except Exception:  # noqa: BLE001
-        return error
-    return copied if type(copied) is type(error) and str(copied) == str(error) else error

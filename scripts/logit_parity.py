@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from benchmark import add_model_arguments, build_model, run_facts, tokenizer_dir, write_report  # noqa: E402
 from notus.forward import ATTENTION_KERNELS, Forward, KVCache, Segment  # noqa: E402
 from notus.prompt import ChatPrompt, load_tokenizer  # noqa: E402
-from notus.scheduler import CHUNK, LENGTH_BUCKETS  # noqa: E402
+from notus.prefill_plan import CHUNK  # noqa: E402
+from notus.scheduler import LENGTH_BUCKETS  # noqa: E402
 
 LENGTH = 5000
 # Decoded spans: (name, first position, end); the prompt's end is filled in at run time.

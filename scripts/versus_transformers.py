@@ -51,7 +51,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from notus.engine import Engine
 from notus.params import SamplingParams
-from notus.scheduler import CHUNK
+from notus.prefill_plan import CHUNK
 from request_streams import stream_all
 
 PATHS = ("project", "static", "continuous")

@@ -14,7 +14,8 @@ import torch
 from burst_benchmark import NEW_TOKENS, burst_row, burst_table
 from notus.engine import Engine
 from notus.forward import Forward, KVCache, Segment
-from notus.scheduler import CHUNK, Request
+from notus.prefill_plan import CHUNK, plan_chunks
+from notus.request import Request
 from test_scheduler import GREEDY, ids_of, long_prompt
 
 PARAMS = dict(max_tokens=12, min_tokens=12, **GREEDY)
@@ -176,23 +177,14 @@ def test_the_burst_benchmark_reports_both_paths_and_their_ratios(engine):
     assert "| 4 | packed |" in table and "| 4 | one at a time | 4 |" in table
 
 
-def test_a_long_prompt_whose_chunks_run_alone_is_not_held_back_by_a_stream_of_short_ones(engines):
+def test_a_long_prompt_whose_chunks_run_alone_is_not_held_back_by_a_stream_of_short_ones():
     """Past the window a prompt's chunk wraps its ring and runs alone, so it could only run when no
     shorter prompt waits; with a new short prompt every turn it would wait for ever. Left out two
     turns in a row, it goes first."""
-    scheduler = engines["packed"].scheduler
-    window = scheduler.window
-
-    def turns() -> list[bool]:
-        long = Request(input_ids=[1] * (3 * window), max_tokens=1, wake=lambda: None, prefilled=window)
-        ran = []
-        for turn in range(6):
-            short = Request(input_ids=[1] * 10, max_tokens=1, wake=lambda: None)
-            scheduler._prefilling[:] = [long, short]  # a new short prompt every turn
-            chosen = [r for r, _ in scheduler._chunks()]
-            ran.append(long in chosen)
-        scheduler._prefilling.clear()
-        return ran
-
-    ran = scheduler.call(turns)
+    window = 4096
+    long = Request(input_ids=[1] * (3 * window), max_tokens=1, wake=lambda: None, prefilled=window)
+    ran = []
+    for turn in range(6):
+        short = Request(input_ids=[1] * 10, max_tokens=1, wake=lambda: None)  # a new short prompt every turn
+        ran.append(long in [r for r, _ in plan_chunks([long, short], window)])
     assert all(any(ran[i : i + 3]) for i in range(4)), ran  # it runs at least once in any 3 turns in a row

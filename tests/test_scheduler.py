@@ -30,7 +30,7 @@ from notus.decode_attention import VarlenDecode
 from notus.engine import Engine, GenerationStats
 from notus.forward import COLUMN_MAJOR_ROWS, _packed_lm_head
 from notus.params import SamplingParams
-from notus.scheduler import CHUNK
+from notus.prefill_plan import CHUNK
 from notus.stream import TextStream
 from op_count import decode_step_ops
 from test_decode_attention import documented_varlen
