@@ -396,6 +396,46 @@ def test_cancel_stops_generation_and_the_next_prediction_works(server):
     assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
 
+def readme_curl_commands() -> list[str]:
+    """The curl commands of the README's HTTP API section, as written (continuations and all)."""
+    section = (REPO / "README.md").read_text().split("## The HTTP API", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    commands: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("curl"):
+            commands.append(line)
+        elif commands and not line.startswith("#") and line.strip():
+            commands[-1] += "\n" + line
+    return commands
+
+
+def test_the_readmes_curl_examples_work_against_the_server(server):
+    """Each curl command of the README's HTTP API section, run as written against the real server:
+    the replies are what the README says they are."""
+    commands = readme_curl_commands()
+    assert len(commands) == 8, commands
+    for command in commands:
+        run = subprocess.run(["bash", "-c", command.replace("http://localhost:5000", server.url)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (command, run.stderr)
+        out = run.stdout
+        if "/health-check" in command:
+            assert json.loads(out)["status"] in ("READY", "BUSY"), out
+        elif "/openapi.json" in command:
+            assert "prompt_template" in json.loads(out)["components"]["schemas"]["Input"]["properties"]
+        elif "/cancel" in command:
+            assert server.wait_ready(timeout=30)["status"] == "READY"  # the async prediction ended
+        elif "text/event-stream" in command:
+            events = [line for line in out.splitlines() if line.startswith("event:")]
+            assert events.count("event: output") > 1 and events[-1] == "event: completed", out[-500:]
+            assert '"status":"succeeded"' in out.replace(" ", "")
+        elif "respond-async" in command:
+            assert json.loads(out)["status"] in ("starting", "processing"), out
+        else:
+            body = json.loads(out)
+            assert body["status"] == "succeeded" and "".join(body["output"]), (command, body)
+
+
 def test_missing_weights_fail_setup_naming_the_download_command(tmp_path):
     empty = tmp_path / "weights"
     empty.mkdir()
