@@ -39,18 +39,17 @@ def fill(template: str, prompt: str, system_prompt: str, messages: list | None =
         elif name in values:
             parts.append(values[name])
             used.add(name)
-        elif name is not None:
-            raise ValueError(_unknown_field(text, name))
         else:
-            raise ValueError(f"prompt_template has a {text!r} at character {mark.start() + 1} that "
-                             f"{'opens' if text == '{' else 'closes'} no field: its fields are {{prompt}} and "
-                             f"{{system_prompt}}; write {text * 2!r} for a literal brace")
+            raise ValueError(_not_a_field(template, mark))
     parts.append(template[start:])
     for name in FIELDS:
         if values[name] and name not in used:
             raise ValueError(f"prompt_template has no {{{name}}}, so the {name} given would not be used: put "
                              f"{{{name}}} where it goes (or send the whole text as prompt with prompt_template "
                              "'{prompt}')")
+    if "prompt" in used and not prompt:  # as without a template: a reply needs a message to answer
+        raise ValueError("prompt_template has {prompt} but prompt is empty: give prompt (a template without "
+                         "{prompt} is the whole prompt itself)")
     # A field may appear many times: the text is counted before it is built (a count cannot take long).
     name = "the prompt prompt_template makes"
     check_length(name, sum(map(len, parts)), 0)
@@ -61,10 +60,18 @@ def fill(template: str, prompt: str, system_prompt: str, messages: list | None =
     return filled
 
 
-def _unknown_field(text: str, name: str) -> str:
+def _not_a_field(template: str, mark: re.Match) -> str:
+    """What is wrong with a brace that is not one of the template's fields."""
+    text, name = mark.group(), mark.group(1)
     shown = text if len(text) <= 40 else text[:37] + "..."  # a whole template may sit between two braces
-    field = re.match(r"(prompt|system_prompt)[!:.\[]", name)
-    if field:  # {prompt!r}, {prompt:>10}, {prompt.upper}, {prompt[0]}: what Python's format does besides fields
+    if text == "{":  # a field with a nested spec ({prompt:{system_prompt}}), or a brace that opens nothing
+        name, shown = template[mark.end() :], "{" + template[mark.end() :][:20] + "..."
+    spec = re.match(r"(prompt|system_prompt)[!:.\[]", name or "")
+    if spec:  # {prompt!r}, {prompt:>10}, {prompt.upper}, {prompt[0]}: what Python's format does besides fields
         return (f"prompt_template has {shown}: conversions (!r), format specs (:>10) and attribute or index "
-                f"access are not supported; write {{{field.group(1)}}}")
+                f"access are not supported; write {{{spec.group(1)}}}")
+    if text in ("{", "}"):
+        return (f"prompt_template has a {text!r} at character {mark.start() + 1} that "
+                f"{'opens' if text == '{' else 'closes'} no field: its fields are {{prompt}} and {{system_prompt}}; "
+                f"write {text * 2!r} for a literal brace")
     return f"prompt_template has {shown}: its fields are {{prompt}} and {{system_prompt}}; write {{{{ and }}}} for a literal brace"

@@ -1,6 +1,7 @@
-"""Packed prefill (notus/forward.py, notus/scheduler.py): waiting prompts' chunks run in one forward,
-each attending only to itself, so a burst of arrivals costs a few forwards, not one each; each
-request's tokens are the ones it gets alone, and one that fails fails alone (float32, tiny model)."""
+"""Packed prefill (notus/forward.py, notus/prefill_plan.py, notus/scheduler.py): waiting prompts'
+chunks run in one forward, each attending only to itself, so a burst of arrivals costs a few
+forwards, not one each; each request's tokens are the ones it gets alone, and one that fails fails
+alone (float32, tiny model)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ def test_a_template_without_fields_is_the_whole_prompt_when_no_prompt_is_given(e
     ("{prompt", "Hi", "", None, "prompt_template has a '{' at character 1 that opens no field: its fields are "
      "{prompt} and {system_prompt}; write '{{' for a literal brace"),
     ("{prompt} }", "Hi", "", None, "prompt_template has a '}' at character 10 that closes no field"),
-    ("{prompt:{system_prompt}}", "Hi", "", None, "a '{' at character 1 that opens no field"),  # a nested spec
+    ("{prompt:{system_prompt}}", "Hi", "", None, "has {prompt:{system_promp...: conversions (!r), format specs"),
+    ("{}", "Hi", "", None, "prompt_template has {}: its fields are"),
     ("{user}: {prompt}", "Hi", "", None, "prompt_template has {user}: its fields are {prompt} and {system_prompt}"),
     ("{0} {prompt}", "Hi", "", None, "prompt_template has {0}: its fields are"),
     ("{" + "x" * 1000 + "}", "", "", None, "prompt_template has {" + "x" * 36 + "...: its fields are"),  # cut short
@@ -77,7 +78,8 @@ def test_a_template_without_fields_is_the_whole_prompt_when_no_prompt_is_given(e
     ("{{prompt}}", "Hi", "", None, "prompt_template has no {prompt}"),  # braces doubled: a literal "{prompt}"
     ("{prompt}", "Hi", "Be brief.", None,
      "prompt_template has no {system_prompt}, so the system_prompt given would not be used"),
-    ("{prompt}", "", "", None, "prompt_template and the prompt it formats are empty"),
+    ("<s>[INST] {prompt} [/INST]", "", "", None, "prompt_template has {prompt} but prompt is empty: give prompt"),
+    ("{system_prompt}", "", "", None, "prompt_template and the prompt it formats are empty"),
     ("{prompt}", "", "", [{"role": "user", "content": "Hi"}], "prompt_template formats prompt and system_prompt; "
      "messages is rendered with notus's chat template: send one or the other"),
 ])
