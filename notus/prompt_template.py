@@ -3,9 +3,10 @@ language models take it (cog-vllm's input of that name): Python's format syntax 
 `{prompt}` and `{system_prompt}`, and `{{` / `}}` for literal braces (no conversions, format specs or
 attribute access). `{prompt}` alone sends the prompt as it is: a caller who formats the text themselves.
 
-A template is checked whole before anything runs: a field it does not have, a lone brace, or a
-prompt (or system prompt) given that it would leave out fails the prediction naming the problem,
-where cog-vllm would drop the text silently or fail with Python's own message. With a template the
+A template is checked whole before anything runs: a field it does not have, a lone brace, a
+prompt (or system prompt) given that it would leave out, or `{prompt}` with no prompt fails the
+prediction naming the problem, where cog-vllm would drop the text silently, answer an empty prompt
+or fail with Python's own message. With a template the
 caller writes the format, so the filled-in text is read as the legacy tokenizer reads a prompt:
 `<s>`, `</s>` and `<unk>` are special tokens wherever they came from (ChatPrompt.formatted_ids).
 """
