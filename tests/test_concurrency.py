@@ -223,3 +223,24 @@ def test_server_benchmark_runs_on_the_cpu_and_reports_its_figures(tmp_path):
     assert report["pairs_at_once"]["requests"] == 10
     assert any("warm-up done in" in line for line in report["setup_timings"])
     assert report["torch"] == torch.__version__ and "benchmark_server.py --tiny" in report["command"]
+
+
+def test_a_prediction_id_over_255_bytes_keeps_a_slot_until_a_restart_as_docs_coglet_says(tiny_weights, tmp_path):
+    """coglet 0.23.1's limit (docs/coglet.md): the prediction fails creating its output folder, and its
+    slot is never given back, so a server of 2 slots is at capacity with one prediction running. This
+    test fails once coglet mends it: then the docs' warning goes."""
+    server = Server(tiny_weights, tmp_path / "server.log", env={"COG_MAX_CONCURRENCY": "2"})
+    try:
+        leaked = requests.put(f"{server.url}/predictions/{'a' * 300}", headers={"Prefer": "respond-async"},
+                              json={"input": {"prompt": "Hi", "max_tokens": 3}}, timeout=10)
+        assert leaked.status_code == 202, leaked.text
+        assert server.wait_for_log("Slot dropped while InUse", timeout=10)  # coglet's own line for it
+        running = requests.put(f"{server.url}/predictions/running", headers={"Prefer": "respond-async"},
+                               json={"input": {"prompt": "Hi", "max_tokens": 20_000, "min_tokens": 20_000}}, timeout=10)
+        assert running.status_code == 202, running.text
+        assert server.health()["status"] == "BUSY"
+        refused = server.predict(prompt="Hi", max_tokens=3)
+        assert refused.status_code == 409 and refused.json().get("error") == AT_CAPACITY, refused.text
+        requests.post(f"{server.url}/predictions/running/cancel", timeout=10)
+    finally:
+        server.stop()
