@@ -87,6 +87,16 @@ class Server:
         """POST /predictions: a sync prediction (or an SSE stream with Accept: text/event-stream)."""
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, headers=headers, timeout=timeout)
 
+    def predict_async(self, prediction_id: str, hooks: dict | None = None, **inputs) -> requests.Response:
+        """PUT /predictions/<id> with `Prefer: respond-async`: 202 at once, the results by webhook only
+        (`hooks`: the body's webhook and webhook_events_filter)."""
+        return requests.put(f"{self.url}/predictions/{prediction_id}", json={"input": inputs, **(hooks or {})},
+                            headers={"Prefer": "respond-async"}, timeout=10)
+
+    def cancel(self, prediction_id: str) -> requests.Response:
+        """POST /predictions/<id>/cancel: 200 when the server knows the id, 404 when not (yet, or no more)."""
+        return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
+
     def worker_pid(self) -> int:
         """The worker process that runs the predictor (a child of the server)."""
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -254,18 +264,14 @@ def cancel_mid_generation(server: Server, prediction_id: str = "cancel-me") -> d
     core busy while it steps (on the GPU too: it waits on each step's event), none when idle."""
     webhooks = Webhooks()
     try:
-        response = requests.put(
-            f"{server.url}/predictions/{prediction_id}",
-            json={"input": {"prompt": "Go on forever", "max_tokens": 32768, "min_tokens": 32768, "seed": 1},
-                  "webhook": webhooks.url, "webhook_events_filter": ["completed"]},
-            headers={"Prefer": "respond-async"}, timeout=10,
-        )
+        response = server.predict_async(prediction_id, dict(webhook=webhooks.url, webhook_events_filter=["completed"]),
+                                        prompt="Go on forever", max_tokens=32768, min_tokens=32768, seed=1)
         assert response.status_code == 202, response.text
         # The server logs the start (output webhooks would tell too, one per token: thousands here).
         started = server.wait_for_log(f'"Starting prediction","prediction_id":"{prediction_id}"', timeout=30)
         busy = _cores_busy(server, seconds=1.0)
         t0 = time.monotonic()
-        cancel_status = requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10).status_code
+        cancel_status = server.cancel(prediction_id).status_code
         canceled = webhooks.wait_for(lambda h: h["status"] == "canceled", timeout=10)
         cancel_seconds = time.monotonic() - t0
         time.sleep(0.5)  # the step in flight ends

@@ -44,7 +44,7 @@ def cancel_when_running(server, prediction_id: str, after: float = 0.0) -> threa
         time.sleep(after)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10).status_code == 200:
+            if server.cancel(prediction_id).status_code == 200:
                 return
             time.sleep(0.01)
 
@@ -98,18 +98,16 @@ def test_a_33rd_prediction_while_32_run_is_refused_409_and_the_server_recovers(s
     long = dict(prompt="Tell me a long story.", max_tokens=20_000, min_tokens=20_000, seed=1)
     try:
         for prediction_id in ids:
-            response = requests.put(f"{server.url}/predictions/{prediction_id}", headers={"Prefer": "respond-async"},
-                                    json={"input": long}, timeout=10)
+            response = server.predict_async(prediction_id, **long)
             assert response.status_code == 202, response.text
         assert server.health()["status"] == "BUSY"
         for refused in (server.predict(prompt="Hi", max_tokens=3),
-                        requests.put(f"{server.url}/predictions/capacity-33", headers={"Prefer": "respond-async"},
-                                     json={"input": dict(prompt="Hi", max_tokens=3)}, timeout=10)):
+                        server.predict_async("capacity-33", prompt="Hi", max_tokens=3)):
             assert refused.status_code == 409 and refused.json().get("error") == AT_CAPACITY, refused.text
         assert requests.get(f"{server.url}/predictions/{ids[0]}", timeout=10).status_code == 405
     finally:
         for prediction_id in ids:
-            requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10)
+            server.cancel(prediction_id)
     assert server.wait_ready(timeout=60)["status"] == "READY"
     assert server.predict(prompt="Hi", max_tokens=3).json()["status"] == "succeeded"
 
@@ -231,16 +229,14 @@ def test_a_prediction_id_over_255_bytes_keeps_a_slot_until_a_restart_as_docs_cog
     test fails once coglet mends it: then the docs' warning goes."""
     server = Server(tiny_weights, tmp_path / "server.log", env={"COG_MAX_CONCURRENCY": "2"})
     try:
-        leaked = requests.put(f"{server.url}/predictions/{'a' * 300}", headers={"Prefer": "respond-async"},
-                              json={"input": {"prompt": "Hi", "max_tokens": 3}}, timeout=10)
+        leaked = server.predict_async("a" * 300, prompt="Hi", max_tokens=3)
         assert leaked.status_code == 202, leaked.text
         assert server.wait_for_log("Slot dropped while InUse", timeout=10)  # coglet's own line for it
-        running = requests.put(f"{server.url}/predictions/running", headers={"Prefer": "respond-async"},
-                               json={"input": {"prompt": "Hi", "max_tokens": 20_000, "min_tokens": 20_000}}, timeout=10)
+        running = server.predict_async("running", prompt="Hi", max_tokens=20_000, min_tokens=20_000)
         assert running.status_code == 202, running.text
         assert server.health()["status"] == "BUSY"
         refused = server.predict(prompt="Hi", max_tokens=3)
         assert refused.status_code == 409 and refused.json().get("error") == AT_CAPACITY, refused.text
-        requests.post(f"{server.url}/predictions/running/cancel", timeout=10)
+        server.cancel("running")
     finally:
         server.stop()

@@ -19,6 +19,7 @@ from aio import text
 from cog_server import Webhooks, cancel_mid_generation, sse_events
 from conftest import failed_setup_logs
 from notus.params import MAX_PROMPT_CHARS, MAX_SEED, SamplingParams
+from notus.stream import parse_stop_sequences
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -324,7 +325,7 @@ def test_random_inputs_the_schema_accepts_work_or_fail_naming_the_limit(server, 
         count, reply = body["metrics"]["output_token_count"], "".join(body["output"])
         most, least = token_limits(inputs)
         assert 1 <= count <= most, (case, inputs, body)
-        stops = [s.strip(" ") for s in inputs.get("stop_sequences", "").split(",") if s.strip(" ")]
+        stops = parse_stop_sequences(inputs.get("stop_sequences", ""))
         assert not any(stop in reply for stop in stops), (case, inputs, body)
         if not stops:  # the end of sequence is held until min_tokens
             assert count >= least, (case, inputs, body)

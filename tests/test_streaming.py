@@ -81,10 +81,8 @@ def test_output_webhooks_announce_the_reply_while_it_is_generated(server):
     try:
         # 1,500 tokens: about 0.7 s on the fastest development CPU seen (200 took 0.19 s there, too
         # short to tell a stream of webhooks from one burst), a few seconds on a slow one.
-        response = requests.put(f"{server.url}/predictions/hooked", headers={"Prefer": "respond-async"}, timeout=10,
-                                json={"input": dict(prompt="Tell me about rivers.", max_tokens=1500, min_tokens=1500,
-                                                    seed=3),
-                                      "webhook": webhooks.url, "webhook_events_filter": ["output", "completed"]})
+        response = server.predict_async("hooked", dict(webhook=webhooks.url, webhook_events_filter=["output", "completed"]),
+                                        prompt="Tell me about rivers.", max_tokens=1500, min_tokens=1500, seed=3)
         assert response.status_code == 202
         assert webhooks.wait_for(lambda h: h["status"] == "succeeded", timeout=60)
         time.sleep(0.5)  # fire-and-forget: late ones may still come, out of order
@@ -143,7 +141,7 @@ def test_a_cancel_mid_stream_frees_its_slot_within_a_second_and_the_other_goes_o
     stopped_thread.start()
     assert twentieth.wait(30)
     if how == "api cancel":
-        assert requests.post(f"{server.url}/predictions/stop-{how}/cancel", timeout=10).status_code == 200
+        assert server.cancel(f"stop-{how}").status_code == 200
     else:
         stopped_thread.join(10)  # the client has closed its connection
     # Both KV slots were taken: this one gets a slot only once the stopped prediction's is free.
@@ -174,11 +172,11 @@ def test_40_cancels_sent_right_after_the_request_never_leave_the_engine_working(
             f"{server.url}/predictions/early-{i}", json=body, timeout=120)).json()))
         request.start()
         # Right away, as a client would: again while the server does not know the id yet.
-        while requests.post(f"{server.url}/predictions/early-{i}/cancel", timeout=10).status_code != 200:
+        while server.cancel(f"early-{i}").status_code != 200:
             assert request.is_alive(), f"try {i} ended before a cancel was taken: {answer}"
         request.join(1.5)
         if request.is_alive():  # coglet dropped the cancel: a second one must stop it
-            assert requests.post(f"{server.url}/predictions/early-{i}/cancel", timeout=10).status_code == 200
+            assert server.cancel(f"early-{i}").status_code == 200
             request.join(5)
             assert not request.is_alive(), f"try {i}: a second cancel did not end the prediction"
             outcome = f"dropped, then {answer.get('status')}"
