@@ -47,6 +47,12 @@ in the same engine, --reps bursts of each: time to first token p50/p95, prefill 
 and one at a time / packed.
 
     python scripts/benchmark.py --tiny --burst 8 32 --burst-prompt 128 --reps 3
+
+With --step-parts N [N ...] (starting at 1), only where one decode step's time goes with N rows (the
+whole step, its layers, the vocabulary's logits, the sampler) and the prefill per token, each timed
+alone, and how each scales with N (scripts/step_parts.py).
+
+    python scripts/benchmark.py --tiny --step-parts 1 8 32 --prompt-lengths 128 --reps 5
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ from op_count import decode_step_ops  # noqa: E402
 from reuse_benchmark import conversation_report, conversation_table  # noqa: E402
 from versus_transformers import versus_row, versus_table  # noqa: E402
 from burst_benchmark import burst_row, burst_table  # noqa: E402
+from step_parts import step_parts_report, step_parts_table  # noqa: E402
 from request_streams import stream_all  # noqa: E402
 
 
@@ -338,6 +345,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, nargs="+", metavar="N",
                         help="only N prompts at once with packed prefill and without, e.g. 8 32 (scripts/burst_benchmark.py)")
     parser.add_argument("--burst-prompt", type=int, default=128, metavar="TOKENS", help="each burst prompt's length")
+    parser.add_argument("--step-parts", type=int, nargs="+", metavar="N",
+                        help="only where a step's time goes with N rows, each part alone, e.g. 1 8 32 (scripts/step_parts.py)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
 
@@ -349,13 +358,16 @@ def main() -> None:
     # KV-cache reuse off: these modes repeat their prompts (a warm-up, then each repetition), which
     # reuse would skip and the baselines prefill; what reuse saves is --conversation's measure.
     engine = Engine(model, ChatPrompt(tokenizer, template),
-                    slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or []), *(args.burst or [])]),
+                    slots=max([DEFAULT_SLOTS, *args.streams, *(args.versus_transformers or []), *(args.burst or []),
+                              *(args.step_parts or [])]),
                     cuda_graphs=False if args.no_graphs else None, reuse=False)
     engine.warm_up()
     if args.versus_transformers:
         return versus_mode(engine, description, args)
     if args.burst:
         return burst_mode(engine, description, args)
+    if args.step_parts:
+        return step_parts_mode(engine, description, args)
     setup_seconds = time.perf_counter() - t0
 
     device = engine.device.type
@@ -444,6 +456,15 @@ def burst_mode(engine: Engine, description: str, args) -> None:
               "slots": engine.scheduler.slots, "reps": args.reps, "burst": rows}
     path = write_report(args.out, f"burst-{device}", report)
     print(burst_table(report))
+    print(f"wrote {path}")
+
+
+def step_parts_mode(engine: Engine, description: str, args) -> None:
+    device = engine.device.type
+    report = {"model": description, **run_facts(device), "torch_threads": torch.get_num_threads(), "reps": args.reps,
+              "step_parts": step_parts_report(engine, args.step_parts, args.prompt_lengths[0], args.reps)}
+    path = write_report(args.out, f"step-parts-{device}", report)
+    print(step_parts_table(report))
     print(f"wrote {path}")
 
 

@@ -395,6 +395,32 @@ def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path
         assert r["continuous_ids_equal_static"]
 
 
+def test_benchmark_step_parts_reports_each_part_and_its_scaling(tmp_path):
+    """scripts/benchmark.py --step-parts (scripts/step_parts.py): where a step's time goes with N rows,
+    what the docs' account of issue 21's 32-stream ratio rests on."""
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--reps", "1",
+         "--step-parts", "1", "4", "--prompt-lengths", "16", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (result_file,) = tmp_path.glob("step-parts-cpu-*.json")
+    report = json.loads(result_file.read_text())
+    assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
+    rows = report["step_parts"]
+    assert [(r["rows"], r["prompt_tokens"], r["prefill_forwards"]) for r in rows] == [(1, 16, 1), (4, 16, 1)]
+    one = rows[0]["seconds"]
+    assert all(value == 1.0 for value in rows[0]["scaling"].values())
+    for r in rows:
+        s = r["seconds"]
+        assert all(s[part] > 0 for part in ("step", "logits", "sampler", "prefill_per_token"))
+        assert r["share_of_step"]["logits"] == pytest.approx(s["logits"] / s["step"])
+        assert r["scaling"]["step"] == pytest.approx(r["rows"] * one["step"] / s["step"])
+        assert r["scaling"]["prefill_per_token"] == pytest.approx(one["prefill_per_token"] / s["prefill_per_token"])
+        # The tiny model: 64 wide, notus's 32,000 tokens.
+        assert r["logits_flops_per_s"] == pytest.approx(2 * r["rows"] * 64 * 32000 / s["logits"])
+        assert r["matmul_flops_per_s"] > 0
+
+
 def test_greedy_parity_script_finds_full_agreement_in_float32(tmp_path):
     """scripts/greedy_parity.py, the GPU issue's parity check, run on the CPU: float32 agrees everywhere."""
     subprocess.run([sys.executable, str(REPO / "scripts" / "greedy_parity.py"), "--tiny", "--device", "cpu",
