@@ -52,7 +52,7 @@ With --step-parts N [N ...] (starting at 1), only where one decode step's time g
 whole step, its layers, the vocabulary's logits, the sampler) and the prefill per token, each timed
 alone, and how each scales with N (scripts/step_parts.py).
 
-    python scripts/benchmark.py --tiny --step-parts 1 8 32 --prompt-lengths 128 --reps 5
+    python scripts/benchmark.py --tiny --step-parts 1 8 32 --prompt-lengths 128 --new-tokens 64 --reps 5
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ from versus_transformers import versus_row, versus_table  # noqa: E402
 from burst_benchmark import burst_row, burst_table  # noqa: E402
 from step_parts import step_parts_report, step_parts_table  # noqa: E402
 from request_streams import stream_all  # noqa: E402
+from timing import seconds_per_call  # noqa: E402
 
 
 def tokenizer_dir(weights: Path | None) -> Path:
@@ -119,12 +120,6 @@ def build_model(args):
     return model.eval(), f"random-weight notus-7b-v1 (weights/config.json), {dtype}"
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Waits for the device's queued work (nothing to wait for on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def weight_bytes_per_token(model) -> int:
     """Bytes a decode step reads: every weight once, except the embedding table (only gathered)."""
     embedding = model.get_input_embeddings().weight
@@ -136,15 +131,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Bytes per second a device-to-device copy moves (read + write), the practical ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    synchronize(device)
-    seconds = (time.perf_counter() - t0) / reps
-    del src, dst
-    return 2 * nbytes / seconds
+    return 2 * nbytes / seconds_per_call(lambda: dst.copy_(src), device, reps)
 
 
 def reset_peak(device: str) -> None:
@@ -241,13 +228,7 @@ def bare_step_seconds(engine: Engine, prompt_length: int, steps: int) -> float:
         step = graph.replay if graph is not None else lambda: scheduler.forward.decode(
             scheduler.tokens[:1], scheduler.positions[:1], scheduler.write_slots[:1], scheduler.used[:1],
             length if scheduler.cuda_graphs else [filled])
-        step()
-        synchronize(engine.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(engine.device)
-        return (time.perf_counter() - t0) / steps
+        return seconds_per_call(step, engine.device, steps)
 
     return scheduler.call(measure)
 
@@ -462,7 +443,7 @@ def burst_mode(engine: Engine, description: str, args) -> None:
 def step_parts_mode(engine: Engine, description: str, args) -> None:
     device = engine.device.type
     report = {"model": description, **run_facts(device), "torch_threads": torch.get_num_threads(), "reps": args.reps,
-              "step_parts": step_parts_report(engine, args.step_parts, args.prompt_lengths[0], args.reps)}
+              "step_parts": step_parts_report(engine, args.step_parts, args.prompt_lengths[0], args.new_tokens, args.reps)}
     path = write_report(args.out, f"step-parts-{device}", report)
     print(step_parts_table(report))
     print(f"wrote {path}")

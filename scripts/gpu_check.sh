@@ -53,10 +53,10 @@ pytest=(python3 -m pytest -q -p no:cacheprovider -rfEs)
 # The graphs, the kernels and the copies as they ship: bf16. The engine's tests compare tokens exactly:
 # float32 (bf16 rounding flips the tiny random model's near ties).
 step tests-cuda 60 env NOTUS_DEVICE="$device" "${pytest[@]}" --junitxml="$OUT/tests-cuda.xml" tests/test_cuda.py
-# Less the tests that run a script with --device cpu whatever NOTUS_DEVICE says (CI runs them): about
-# half of this step's time in the rehearsal, none of it on the GPU.
+# Less the tests marked cpu_script, which run a script with --device cpu whatever NOTUS_DEVICE says (CI
+# runs them): about half of this step's time in the rehearsal, none of it on the GPU.
 step tests-engine 80 env NOTUS_DEVICE="$device" NOTUS_DTYPE=float32 "${pytest[@]}" --junitxml="$OUT/tests-engine.xml" \
-  -k "not test_benchmark_ and not parity_script" \
+  -m "not cpu_script" \
   tests/test_engine.py tests/test_compaction.py tests/test_prefill.py tests/test_scheduler.py
 step decode 120 python3 scripts/benchmark.py "${model[@]}" "${bench[@]}" --out "$OUT"
 step logits 60 python3 scripts/logit_parity.py "${model[@]}" --out "$OUT"

@@ -1,36 +1,35 @@
 """The step-parts mode of scripts/benchmark.py (`--step-parts N [N ...]`): where the engine's time goes
 with N rows, each part timed alone on the engine thread, and how well each part batches.
 
-For each N, eagerly (no CUDA graph, no request, no streaming), the step the CPU runs for N greedy
-rows of one length, as issue 21's comparison (`--versus-transformers`) runs them:
+For each N, eagerly (no CUDA graph, no request, no streaming), the decode step the CPU runs for N
+greedy rows of one length, each reading the ring entries of the middle of the reply (the prompt's
+length plus half of --new-tokens):
   step     Scheduler._step: the whole decode step (the forward, the sampler, the positions' update);
   layers   Forward.decode less its logits: embedding, rotary, every layer;
   logits   Forward.logits: the final norm and the vocabulary projection, in the layout the step asks for;
   sampler  Sampler.sample: the greedy pass over the logits, with the hold on EOS;
-and the prefill of N prompts of --prompt-lengths' first length, in forwards of at most CHUNK tokens
-(as the scheduler packs them), per prompt token.
+  other    the step less the three: what running them together costs beyond running each alone;
+and the prefill of N prompts of --prompt-lengths' first length, whole, CHUNK // length of them to a
+forward (the scheduler's packing where the length divides CHUNK), per prompt token. (A served run of
+32 prompts of 128 tokens prefills in two forwards, so its two halves sit one position apart and its
+steps take one masked attention call instead of the unmasked one timed here: about the same cost.)
 
 Each part's scaling is N x part(1) / part(N): how many times more work N rows get done in the time,
 N for a part that costs the same for N rows as for one. A step's scaling is a mean of its parts'
 (weighted by their time with N rows), so it stays below its best part's: a part that scales below
 a target and weighs much in the step bounds the step (issue 21's 32 streams at 10x one stream:
-docs/benchmarks.md). A served run adds what changes little with N (the engine's turn, handing
-tokens out), which lifts its ratio, and the prefill, which lowers it.
+docs/benchmarks.md). The vocabulary projection's rate (FLOP/s) is reported beside a square matrix
+product's (1,024 on the CPU, 4,096 on a GPU) on the same device, dtype and threads, through the
+kernel the projection uses (oneDNN on the CPU in float32). The parts of all the N are timed in turns
+within each repetition (medians), so the machine's drift touches every N alike.
 
-The vocabulary projection's rate (FLOP/s) is reported beside a 1,024-square matrix product's on the
-same device, in the same dtype and threads, through the kernel the projection uses (oneDNN on the
-CPU in float32; torch's default CPU matmul, MKL's, reached about half of oneDNN's rate on the
-development machine's AMD CPU): how near the projection runs to what the device's matrix kernels
-reach. The parts of all the N are timed in turns within each repetition (medians), so the
-machine's drift touches every N alike.
-
-    python scripts/benchmark.py --tiny --step-parts 1 8 32 --prompt-lengths 128 --reps 5
+    python scripts/benchmark.py --tiny --step-parts 1 8 32 --prompt-lengths 128 --new-tokens 64 --reps 5
 """
 
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Callable
 from math import ceil
 
 import torch
@@ -38,88 +37,85 @@ import torch
 from notus.engine import Engine
 from notus.forward import Segment
 from notus.prefill_plan import CHUNK
+from timing import seconds_per_call
 
-PARTS = ("step", "layers", "logits", "sampler")
-ENTRIES = 160  # the ring entries each row reads: the middle of a 128-token prompt's 64 new tokens
-
-
-def _seconds(fn, device: torch.device, calls: int) -> float:
-    """Seconds per call of `fn`, over `calls` calls after one unmeasured."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / calls
+PARTS = ("step", "layers", "logits", "sampler", "other")
 
 
-def _decode_parts(engine: Engine, rows: int, calls: int) -> dict[str, float]:
-    """One timing of each decode part for `rows` rows reading ENTRIES entries each (engine thread).
-    No row is active: every write goes to the scratch slot, and the positions do not move. The rows'
-    positions and entries read (the variable-length kernel's, on the GPU) are put back after."""
+def _decode_parts(engine: Engine, rows: int, entries: int, calls: int) -> dict[str, float]:
+    """One timing of each decode part for `rows` rows reading `entries` ring entries each (engine
+    thread, no request in flight). No row is active: every write goes to the scratch slot. The rows'
+    tokens, positions and entries read (the variable-length kernel's, on the GPU) are put back after."""
     scheduler, forward = engine.scheduler, engine.scheduler.forward
-    lengths = [ENTRIES] * rows
-    saved = scheduler.positions[:rows].clone(), scheduler.used[:rows].clone()
-    positions = scheduler.positions[:rows].fill_(ENTRIES - 1)
-    scheduler.used[:rows].fill_(ENTRIES)
+    lengths = [entries] * rows
+    kept = [state[:rows].clone() for state in (scheduler.tokens, scheduler.positions, scheduler.used)]
+    positions = scheduler.positions[:rows].fill_(entries - 1)
+    scheduler.used[:rows].fill_(entries)
     args = (scheduler.tokens[:rows], positions, scheduler.write_slots[:rows], scheduler.used[:rows], lengths)
     hidden = torch.randn(rows, engine.model.config.hidden_size, device=engine.device, dtype=engine.model.dtype)
     logits = forward.decode(*args, column_major=True)
     times = {
-        "step": _seconds(lambda: scheduler._step(rows, lengths, candidates=1, penalties=False), engine.device, calls),
-        "decode": _seconds(lambda: forward.decode(*args, column_major=True), engine.device, calls),
-        "logits": _seconds(lambda: forward.logits(hidden, column_major=True), engine.device, calls),
-        "sampler": _seconds(lambda: scheduler.sampler.sample(logits, slice(0, rows), positions, 1, False),
-                            engine.device, calls),
+        "step": seconds_per_call(lambda: scheduler._step(rows, lengths, candidates=1, penalties=False), engine.device, calls),
+        "decode": seconds_per_call(lambda: forward.decode(*args, column_major=True), engine.device, calls),
+        "logits": seconds_per_call(lambda: forward.logits(hidden, column_major=True), engine.device, calls),
+        "sampler": seconds_per_call(lambda: scheduler.sampler.sample(logits, slice(0, rows), positions, 1, False),
+                                    engine.device, calls),
     }
-    positions.copy_(saved[0])
-    scheduler.used[:rows].copy_(saved[1])
+    for state, values in zip((scheduler.tokens, scheduler.positions, scheduler.used), kept):
+        state[:rows].copy_(values)
     times["layers"] = times.pop("decode") - times["logits"]
+    times["other"] = times["step"] - times["layers"] - times["logits"] - times["sampler"]
     return times
 
 
 def _prefill_per_token(engine: Engine, prompts: int, length: int, generator: torch.Generator) -> float:
-    """Seconds per prompt token to prefill `prompts` prompts of `length` tokens, packed in forwards of
-    at most CHUNK tokens as the scheduler packs them (engine thread; slots without a request)."""
-    per_forward = max(1, CHUNK // length)
+    """Seconds per prompt token to prefill `prompts` prompts of `length` tokens, CHUNK // length to a
+    forward (engine thread). It writes the rings of slots 0..prompts-1, which no request holds."""
+    per_forward = CHUNK // length
     segments = [Segment(slot, torch.randint(1000, 31000, (length,), generator=generator).to(engine.device), 0)
                 for slot in range(prompts)]
     groups = [segments[i : i + per_forward] for i in range(0, prompts, per_forward)]
-    return _seconds(lambda: [engine.scheduler.forward.prefill(group) for group in groups], engine.device, 2) / (prompts * length)
+    seconds = seconds_per_call(lambda: [engine.scheduler.forward.prefill(group) for group in groups], engine.device, 2)
+    return seconds / (prompts * length)
 
 
-def matmul_flops_per_s(engine: Engine, size: int = 1024) -> float:
-    """FLOP/s of a size x size matrix product in the model's dtype on its device (engine thread), through
-    the kernel the vocabulary projection uses (oneDNN's on the CPU in float32: notus/forward.py's
-    _packed_lm_head)."""
+def square_matmul(engine: Engine) -> tuple[int, Callable[[], object]]:
+    """(size, a call) of a size x size matrix product in the model's dtype on its device, through the
+    kernel the vocabulary projection uses (oneDNN's, its weight packed, on the CPU in float32:
+    notus/forward.py's _packed_lm_head). 4,096 on a GPU, where a smaller one is bound by its launch."""
+    size = 4096 if engine.device.type == "cuda" else 1024
     a = torch.randn(size, size, device=engine.device, dtype=engine.model.dtype)
     if engine.scheduler.forward.packed_lm_head is not None:
-        product = lambda: torch.ops.mkldnn._linear_pointwise(a, a, None, "none", [], "")  # noqa: E731
-    else:
-        product = lambda: a @ a  # noqa: E731
-    return 2 * size**3 / engine.scheduler.call(lambda: _seconds(product, engine.device, 10))
+        packed = torch.ops.mkldnn._reorder_linear_weight(a, size)
+        return size, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    return size, lambda: a @ a
 
 
-def step_parts_report(engine: Engine, rows: list[int], prompt_tokens: int, reps: int) -> list[dict]:
+def step_parts_report(engine: Engine, rows: list[int], prompt_tokens: int, new_tokens: int, reps: int) -> list[dict]:
     """Per N in `rows`: each part's median seconds, its share of the step and its scaling (see the
-    module's docstring). `rows` must start with 1."""
-    if rows[0] != 1 or max(rows) > engine.scheduler.slots or engine.scheduler.prefixes is not None:
-        raise ValueError("step parts need rows starting at 1, at most the engine's slots, and no KV-cache reuse")
+    module's docstring). The engine must be idle, without KV-cache reuse (the prefill writes slots)."""
+    scheduler = engine.scheduler
+    if rows[0] != 1 or max(rows) > scheduler.slots:
+        raise ValueError(f"step parts need rows starting at 1 and at most the engine's {scheduler.slots} slots, got {rows}")
+    if not 0 < prompt_tokens <= CHUNK:
+        raise ValueError(f"step parts prefill whole prompts of at most {CHUNK} tokens (one chunk), got {prompt_tokens}")
+    if scheduler.prefixes is not None or scheduler.call(scheduler._busy):
+        raise ValueError("step parts need an idle engine without KV-cache reuse")
+    entries = min(prompt_tokens + new_tokens // 2, scheduler.window)
     generator = torch.Generator().manual_seed(0)
     calls = 20 if engine.device.type == "cuda" else 50
-    timings = {n: [] for n in rows}
+    size, matmul = square_matmul(engine)
+    timings, matmul_seconds = {n: [] for n in rows}, []
     for _ in range(reps):
         for n in rows:
-            parts = engine.scheduler.call(lambda n=n: _decode_parts(engine, n, calls))
-            parts["prefill_per_token"] = engine.scheduler.call(lambda n=n: _prefill_per_token(engine, n, prompt_tokens, generator))
+            parts = scheduler.call(lambda n=n: _decode_parts(engine, n, entries, calls))
+            parts["prefill_per_token"] = scheduler.call(lambda n=n: _prefill_per_token(engine, n, prompt_tokens, generator))
             timings[n].append(parts)
+        matmul_seconds.append(scheduler.call(lambda: seconds_per_call(matmul, engine.device, 10)))
     medians = {n: {k: statistics.median(t[k] for t in timings[n]) for k in timings[n][0]} for n in rows}
     one = medians[1]
     config = engine.model.config
-    reference = matmul_flops_per_s(engine)
+    reference = 2 * size**3 / statistics.median(matmul_seconds)
     return [{
         "rows": n,
         "seconds": medians[n],
@@ -128,9 +124,10 @@ def step_parts_report(engine: Engine, rows: list[int], prompt_tokens: int, reps:
         "scaling": {**{k: n * one[k] / medians[n][k] for k in PARTS},
                     "prefill_per_token": one["prefill_per_token"] / medians[n]["prefill_per_token"]},
         "logits_flops_per_s": 2 * n * config.hidden_size * config.vocab_size / medians[n]["logits"],
+        "matmul_size": size,
         "matmul_flops_per_s": reference,
-        "prefill_forwards": ceil(n / max(1, CHUNK // prompt_tokens)),
-        "entries_read_per_row": ENTRIES,
+        "prefill_forwards": ceil(n / (CHUNK // prompt_tokens)),
+        "entries_read_per_row": entries,
         "prompt_tokens": prompt_tokens,
     } for n in rows]
 
@@ -145,8 +142,9 @@ def step_parts_table(report: dict) -> str:
         "Each cell: the part's time (its share of the step) and its scaling, N x part(1) / part(N) "
         "(per token for the prefill).",
         "",
-        "| rows | step | layers | logits | sampler | prefill per token | logits GFLOP/s (of a 1,024-square matmul's) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| rows | step | layers | logits | sampler | other | prefill per token | logits GFLOP/s (of a "
+        f"{rows[0]['matmul_size']:,}-square matmul's) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         s, share, scaling = row["seconds"], row["share_of_step"], row["scaling"]

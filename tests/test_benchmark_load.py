@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.cpu_script
 def test_load_benchmark_writes_its_ratios(tiny_weights, tmp_path):
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark_load.py"), "--weights", str(tiny_weights),

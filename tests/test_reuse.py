@@ -161,6 +161,7 @@ def test_an_unrelated_request_leaves_a_held_conversation_alone_while_a_slot_is_e
         reusing.scheduler.close()
 
 
+@pytest.mark.cpu_script
 def test_the_conversation_benchmark_runs_and_reports_both_engines(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--conversation",
                     "--reps", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)

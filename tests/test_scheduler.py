@@ -337,6 +337,7 @@ def test_text_stream_cost_per_token_does_not_grow_with_the_text(engine):
     assert late <= 1.2 * early + 2e-6, f"push #2000 takes {late * 1e6:.1f} us, push #20 {early * 1e6:.1f} us"
 
 
+@pytest.mark.cpu_script
 def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--reps", "2",
@@ -366,6 +367,7 @@ def test_benchmark_runs_on_the_cpu_and_reports_its_ratios(tmp_path):
         assert r["kv_read_bytes_per_step"] >= r["kv_live_bytes_per_step"] > 0 and r["kv_read_over_live"] >= 1
 
 
+@pytest.mark.cpu_script
 def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path):
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--reps", "2",
@@ -395,32 +397,38 @@ def test_benchmark_versus_transformers_reports_each_path_and_its_ratios(tmp_path
         assert r["continuous_ids_equal_static"]
 
 
+@pytest.mark.cpu_script
 def test_benchmark_step_parts_reports_each_part_and_its_scaling(tmp_path):
     """scripts/benchmark.py --step-parts (scripts/step_parts.py): where a step's time goes with N rows,
     what the docs' account of issue 21's 32-stream ratio rests on."""
-    subprocess.run(
+    printed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--device", "cpu", "--reps", "1",
-         "--step-parts", "1", "4", "--prompt-lengths", "16", "--out", str(tmp_path)],
+         "--step-parts", "1", "4", "--prompt-lengths", "16", "--new-tokens", "8", "--out", str(tmp_path)],
         check=True, capture_output=True, text=True, timeout=300,
-    )
+    ).stdout
     (result_file,) = tmp_path.glob("step-parts-cpu-*.json")
     report = json.loads(result_file.read_text())
     assert report["torch"] == torch.__version__ and "benchmark.py --tiny" in report["command"]
     rows = report["step_parts"]
-    assert [(r["rows"], r["prompt_tokens"], r["prefill_forwards"]) for r in rows] == [(1, 16, 1), (4, 16, 1)]
+    # Each row reads the middle of the reply's entries: the prompt and half the new tokens.
+    assert [(r["rows"], r["prompt_tokens"], r["entries_read_per_row"], r["prefill_forwards"]) for r in rows] == \
+        [(1, 16, 20, 1), (4, 16, 20, 1)]
     one = rows[0]["seconds"]
-    assert all(value == 1.0 for value in rows[0]["scaling"].values())
     for r in rows:
         s = r["seconds"]
-        assert all(s[part] > 0 for part in ("step", "logits", "sampler", "prefill_per_token"))
+        assert all(s[part] > 0 for part in ("step", "layers", "logits", "sampler", "prefill_per_token"))
+        # The parts and what running them together adds make up the step.
+        assert s["layers"] + s["logits"] + s["sampler"] + s["other"] == pytest.approx(s["step"])
         assert r["share_of_step"]["logits"] == pytest.approx(s["logits"] / s["step"])
         assert r["scaling"]["step"] == pytest.approx(r["rows"] * one["step"] / s["step"])
         assert r["scaling"]["prefill_per_token"] == pytest.approx(one["prefill_per_token"] / s["prefill_per_token"])
         # The tiny model: 64 wide, notus's 32,000 tokens.
         assert r["logits_flops_per_s"] == pytest.approx(2 * r["rows"] * 64 * 32000 / s["logits"])
-        assert r["matmul_flops_per_s"] > 0
+        assert r["matmul_size"] == 1024 and r["matmul_flops_per_s"] > 0
+        assert f"| {r['rows']} | {s['step'] * 1e3:.3f} ms, {r['scaling']['step']:.2f}x |" in printed
 
 
+@pytest.mark.cpu_script
 def test_greedy_parity_script_finds_full_agreement_in_float32(tmp_path):
     """scripts/greedy_parity.py, the GPU issue's parity check, run on the CPU: float32 agrees everywhere."""
     subprocess.run([sys.executable, str(REPO / "scripts" / "greedy_parity.py"), "--tiny", "--device", "cpu",
@@ -461,6 +469,7 @@ def test_the_cpu_vocabulary_projection_is_the_models_and_the_same_alone_or_in_a_
         assert torch.equal(wide_head(x, column_major=True), wide_head(x))
 
 
+@pytest.mark.cpu_script
 def test_logit_parity_script_finds_the_engines_logits_equal_transformers_in_float32(tmp_path):
     """scripts/logit_parity.py, the GPU issue's teacher-forced check, on the CPU: prefill chunks and
     decode steps (each row's own length and the graphs' masked bucket) over 5,000 positions."""
