@@ -9,8 +9,8 @@ length plus half of --new-tokens):
   logits   Forward.logits: the final norm and the vocabulary projection, in the layout the step asks for;
   sampler  Sampler.sample: the greedy pass over the logits, with the hold on EOS;
   other    the step less the three: what running them together costs beyond running each alone;
-and the prefill of N prompts of --prompt-lengths' first length, whole, CHUNK // length of them to a
-forward (the scheduler's packing where the length divides CHUNK), per prompt token. (A served run of
+and the prefill of N prompts of --prompt-lengths' first length, in the forwards the scheduler plans
+and runs for them (notus/prefill_plan.py, Scheduler._forward), per prompt token. (A served run of
 32 prompts of 128 tokens prefills in two forwards, so its two halves sit one position apart and its
 steps take one masked attention call instead of the unmasked one timed here: about the same cost.)
 
@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from math import ceil
 
 import torch
 
 from notus.engine import Engine
-from notus.forward import Segment
-from notus.prefill_plan import CHUNK
+from notus.prefill_plan import plan_chunks
+from notus.request import Request
 from timing import seconds_per_call
 
 PARTS = ("step", "layers", "logits", "sampler", "other")
@@ -68,15 +67,31 @@ def _decode_parts(engine: Engine, rows: int, entries: int, calls: int) -> dict[s
     return times
 
 
-def _prefill_per_token(engine: Engine, prompts: int, length: int, generator: torch.Generator) -> float:
-    """Seconds per prompt token to prefill `prompts` prompts of `length` tokens, CHUNK // length to a
-    forward (engine thread). It writes the rings of slots 0..prompts-1, which no request holds."""
-    per_forward = CHUNK // length
-    segments = [Segment(slot, torch.randint(1000, 31000, (length,), generator=generator).to(engine.device), 0)
-                for slot in range(prompts)]
-    groups = [segments[i : i + per_forward] for i in range(0, prompts, per_forward)]
-    seconds = seconds_per_call(lambda: [engine.scheduler.forward.prefill(group) for group in groups], engine.device, 2)
-    return seconds / (prompts * length)
+def _prefill_per_token(engine: Engine, prompts: int, length: int, generator: torch.Generator) -> tuple[float, int]:
+    """(seconds per prompt token, forwards) to prefill `prompts` prompts of `length` tokens in slots
+    0..prompts-1, planned and run as the scheduler does (plan_chunks, then Scheduler._forward for each
+    turn's chunks), no decoding between (engine thread). It writes those slots' rings, which no
+    request holds."""
+    scheduler = engine.scheduler
+    requests = [Request(input_ids=torch.randint(1000, 31000, (length,), generator=generator).tolist(), max_tokens=1,
+                        wake=lambda: None, slot=slot) for slot in range(prompts)]
+    forwards = 0
+
+    def prefill_all() -> None:
+        nonlocal forwards
+        forwards = 0
+        for request in requests:
+            request.prefilled = request.passed = 0
+        left = list(requests)
+        while left:
+            chunks = plan_chunks(left, scheduler.window, scheduler.pack)
+            scheduler._forward(chunks)
+            forwards += 1
+            for request, n in chunks:
+                request.prefilled += n
+            left = [r for r in left if r.prefilled < len(r.input_ids)]
+
+    return seconds_per_call(prefill_all, engine.device, 2) / (prompts * length), forwards
 
 
 def square_matmul(engine: Engine) -> tuple[int, Callable[[], object]]:
@@ -97,19 +112,20 @@ def step_parts_report(engine: Engine, rows: list[int], prompt_tokens: int, new_t
     scheduler = engine.scheduler
     if rows[0] != 1 or max(rows) > scheduler.slots:
         raise ValueError(f"step parts need rows starting at 1 and at most the engine's {scheduler.slots} slots, got {rows}")
-    if not 0 < prompt_tokens <= CHUNK:
-        raise ValueError(f"step parts prefill whole prompts of at most {CHUNK} tokens (one chunk), got {prompt_tokens}")
+    if prompt_tokens < 1:
+        raise ValueError(f"step parts need prompts of at least 1 token, got {prompt_tokens}")
     if scheduler.prefixes is not None or scheduler.call(scheduler._busy):
         raise ValueError("step parts need an idle engine without KV-cache reuse")
     entries = min(prompt_tokens + new_tokens // 2, scheduler.window)
     generator = torch.Generator().manual_seed(0)
     calls = 20 if engine.device.type == "cuda" else 50
     size, matmul = square_matmul(engine)
-    timings, matmul_seconds = {n: [] for n in rows}, []
+    timings, matmul_seconds, forwards = {n: [] for n in rows}, [], {}
     for _ in range(reps):
         for n in rows:
             parts = scheduler.call(lambda n=n: _decode_parts(engine, n, entries, calls))
-            parts["prefill_per_token"] = scheduler.call(lambda n=n: _prefill_per_token(engine, n, prompt_tokens, generator))
+            parts["prefill_per_token"], forwards[n] = scheduler.call(
+                lambda n=n: _prefill_per_token(engine, n, prompt_tokens, generator))
             timings[n].append(parts)
         matmul_seconds.append(scheduler.call(lambda: seconds_per_call(matmul, engine.device, 10)))
     medians = {n: {k: statistics.median(t[k] for t in timings[n]) for k in timings[n][0]} for n in rows}
@@ -126,7 +142,7 @@ def step_parts_report(engine: Engine, rows: list[int], prompt_tokens: int, new_t
         "logits_flops_per_s": 2 * n * config.hidden_size * config.vocab_size / medians[n]["logits"],
         "matmul_size": size,
         "matmul_flops_per_s": reference,
-        "prefill_forwards": ceil(n / (CHUNK // prompt_tokens)),
+        "prefill_forwards": forwards[n],
         "entries_read_per_row": entries,
         "prompt_tokens": prompt_tokens,
     } for n in rows]
